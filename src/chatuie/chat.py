@@ -1,0 +1,142 @@
+"""Record -> chat messages: what the model is taught and asked.
+
+Same record + same options -> same bytes (label shuffling is seeded by the record id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from chatuie.output_format import render
+from chatuie.records import Record, Schema
+
+SYSTEM_PROMPT = (
+    "You are ChatUIE, an assistant that answers questions and extracts information. "
+    "For extraction, copy every span exactly from the text and use only the given labels."
+)
+
+_FORMAT_HINT = {
+    "ner": '{"<entity type>": ["<span>", ...], ...}',
+    "re": '{"entities": {"<entity type>": ["<span>", ...]}, '
+    '"relations": {"<relation type>": [{"head": "<span>", "tail": "<span>"}]}}',
+    "ee": '{"<event type>": [{"trigger": "<span>", "arguments": {"<role>": ["<span>", ...]}}]}',
+}
+_TASK_NAME = {"ner": "named entity recognition", "re": "relation extraction", "ee": "event extraction"}
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How IE instructions are built (``samples`` section of params.yaml)."""
+
+    shuffle_labels: bool = False
+    # Fraction of the labels absent from a record that still go into its schema (1.0 = all).
+    absent_label_rate: float = 1.0
+    # Split a schema into instructions of at most this many labels (0 = never split).
+    max_labels_per_instruction: int = 0
+    seed: int = 13
+
+
+def _rng(record_id: str, seed: int, salt: str) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{salt}:{record_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _schema_labels(schema: Schema, task: str) -> list[str]:
+    """The labels an instruction chooses among (relation types for re, event types for ee)."""
+    if task == "ner":
+        return list(schema.entities)
+    if task == "re":
+        return list(schema.relations)
+    return list(schema.events)
+
+
+def _present_labels(record: Record) -> set[str]:
+    if record.task == "ner":
+        return {e.type for e in record.entities}
+    if record.task == "re":
+        return {r.type for r in record.relations}
+    return {e.type for e in record.events}
+
+
+def _subschema(schema: Schema, task: str, labels: list[str]) -> Schema:
+    if task == "ner":
+        return Schema(entities=labels)
+    if task == "re":
+        # Entity types always travel whole with relations: heads and tails need their types.
+        return Schema(entities=list(schema.entities), relations=labels)
+    return Schema(events={label: list(schema.events[label]) for label in labels})
+
+
+def instruction_schemas(record: Record, options: ChatOptions, *, train: bool) -> list[Schema]:
+    """The schema of each instruction made from ``record`` (several when the schema is split)."""
+    labels = _schema_labels(record.schema, record.task)
+    if train:
+        present = _present_labels(record)
+        rng = _rng(record.id, options.seed, "absent")
+        labels = [lab for lab in labels if lab in present or rng.random() < options.absent_label_rate]
+        if options.shuffle_labels:
+            _rng(record.id, options.seed, "shuffle").shuffle(labels)
+    if not labels:
+        return []
+    size = options.max_labels_per_instruction or len(labels)
+    return [_subschema(record.schema, record.task, labels[i : i + size]) for i in range(0, len(labels), size)]
+
+
+def ie_user_prompt(task: str, text: str, schema: Schema) -> str:
+    lines = [f"Task: {_TASK_NAME[task]}."]
+    if task == "ner":
+        lines.append(f"Entity types: {json.dumps(schema.entities, ensure_ascii=False)}")
+    elif task == "re":
+        lines.append(f"Entity types: {json.dumps(schema.entities, ensure_ascii=False)}")
+        lines.append(f"Relation types: {json.dumps(schema.relations, ensure_ascii=False)}")
+    else:
+        lines.append(f"Event types and roles: {json.dumps(schema.events, ensure_ascii=False)}")
+    lines.append(f"Answer in JSON: {_FORMAT_HINT[task]}")
+    lines.append(f"Text: {text}")
+    return "\n".join(lines)
+
+
+def qa_user_prompt(record: Record) -> str:
+    return (
+        "Read the passage and answer the question briefly.\n"
+        f"Passage: {record.text}\nQuestion: {record.question}"
+    )
+
+
+def mcq_user_prompt(record: Record) -> str:
+    options = record.options or {}
+    choices = "\n".join(f"{letter}. {value}" for letter, value in options.items())
+    return f"{record.question}\n{choices}\nAnswer with the letter of the correct option."
+
+
+def messages_for(user: str, answer: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def build_samples(record: Record, options: ChatOptions, *, train: bool) -> list[dict[str, Any]]:
+    """All chat samples of one record (IE records may give several instructions)."""
+    base = {"record_id": record.id, "dataset": record.dataset, "task": record.task}
+    if record.task == "qa":
+        return [{**base, "id": record.id, "messages": messages_for(qa_user_prompt(record), record.answer)}]
+    if record.task == "mcq":
+        return [{**base, "id": record.id, "messages": messages_for(mcq_user_prompt(record), record.answer)}]
+    samples = []
+    for index, schema in enumerate(instruction_schemas(record, options, train=train)):
+        samples.append(
+            {
+                **base,
+                "id": f"{record.id}#{index}",
+                "schema": schema.to_dict(),
+                "messages": messages_for(
+                    ie_user_prompt(record.task, record.text, schema), render(record, schema)
+                ),
+            }
+        )
+    return samples
