@@ -1,0 +1,245 @@
+"""Evaluation: IE F1 with the generation constraint on and off, and chat ability.
+
+* IE: each test record is asked with the same instructions the model was taught (schema split
+  as in ``samples.chat``), answers are parsed, grounded to offsets and merged per record, then
+  scored by :class:`chatuie.metrics.IEScorer`. Reported beside F1: the JSON-validity rate and the
+  invented-span rate (predicted spans that are not substrings of the input).
+* WebQA (held-back part): greedy answers, exact match and character-level ROUGE-1 F1.
+* C-Eval val: the log-likelihood of the option letters A/B/C/D after the prompt, per category.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from chatuie.chat import (
+    ChatOptions,
+    ie_user_prompt,
+    instruction_schemas,
+    mcq_user_prompt,
+    messages_for,
+    qa_user_prompt,
+)
+from chatuie.metrics import HEADLINE, IEScorer, char_rouge1_f1, exact_match
+from chatuie.output_format import ground
+from chatuie.records import Record, Schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``evaluate`` section of params.yaml."""
+
+    max_records_per_dataset: int = 200  # 0 = the whole test split
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    webqa_max_new_tokens: int = 32
+    max_chat_examples: int = 500  # per chat dataset, 0 = all
+    seed: int = 13
+
+
+def _subsample(records: list[Record], limit: int, seed: int) -> list[Record]:
+    """A fixed, seeded subset (the same records for every model), kept in corpus order."""
+    if not limit or len(records) <= limit:
+        return records
+    import random
+
+    keep = set(random.Random(seed).sample(range(len(records)), limit))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def _prompt(tokenizer, user: str) -> str:
+    return tokenizer.apply_chat_template(messages_for(user, None), tokenize=False, add_generation_prompt=True)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def generate_free(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Unconstrained greedy decoding, left-padded batches."""
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    for batch in _batches(prompts, batch_size):
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        generated = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = generated[:, encoded["input_ids"].shape[1] :]
+        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def _spans_in(answer: Any) -> Iterable[str]:
+    """Every span string of a parsed answer, whatever its shape (for the invented-span rate)."""
+    if isinstance(answer, str):
+        yield answer
+    elif isinstance(answer, list):
+        for item in answer:
+            yield from _spans_in(item)
+    elif isinstance(answer, dict):
+        for key, value in answer.items():
+            if key in ("head", "tail", "trigger") or isinstance(value, (list, dict)):
+                yield from _spans_in(value)
+
+
+def _merge(task: str, parts: list[dict[str, list]]) -> dict[str, list]:
+    merged: dict[str, list] = {"entities": [], "relations": [], "events": []}
+    for index, part in enumerate(parts):
+        # re instructions repeat the whole entity block: count it once.
+        if task != "re" or index == 0:
+            merged["entities"].extend(part["entities"])
+        merged["relations"].extend(part["relations"])
+        merged["events"].extend(part["events"])
+    return merged
+
+
+def evaluate_ie(
+    model,
+    tokenizer,
+    records: list[Record],
+    chat: ChatOptions,
+    settings: EvalSettings,
+    constrained: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Returns (metrics, per-label rows, predictions) for one dataset's test records."""
+    task = records[0].task
+    jobs: list[tuple[Record, Schema]] = [
+        (r, schema) for r in records for schema in instruction_schemas(r, chat, train=False)
+    ]
+    prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s)) for r, s in jobs]
+    if constrained:
+        from chatuie.constrained import IERequest, constrained_generate
+
+        requests = [IERequest(task=task, text=r.text, schema=s) for r, s in jobs]
+        answers = []
+        for start in tqdm(
+            range(0, len(prompts), settings.batch_size), desc=f"{records[0].dataset} constrained"
+        ):
+            answers.extend(
+                constrained_generate(
+                    model,
+                    tokenizer,
+                    prompts[start : start + settings.batch_size],
+                    requests[start : start + settings.batch_size],
+                    max_new_tokens=settings.max_new_tokens,
+                    batch_size=settings.batch_size,
+                )
+            )
+    else:
+        answers = []
+        for start in tqdm(range(0, len(prompts), settings.batch_size), desc=f"{records[0].dataset} free"):
+            answers.extend(
+                generate_free(
+                    model,
+                    tokenizer,
+                    prompts[start : start + settings.batch_size],
+                    settings.max_new_tokens,
+                    settings.batch_size,
+                )
+            )
+
+    valid = spans = invented = 0
+    parts: dict[str, list[dict]] = defaultdict(list)
+    raw: dict[str, list[str]] = defaultdict(list)
+    for (record, schema), answer in zip(jobs, answers, strict=True):
+        raw[record.id].append(answer)
+        try:
+            parsed = json.loads(answer)
+            grounded = ground(task, parsed, record.text, schema)
+            valid += isinstance(parsed, dict)
+        except (ValueError, TypeError, AttributeError):
+            parts[record.id].append({"entities": [], "relations": [], "events": []})
+            continue
+        for span in _spans_in(parsed):
+            spans += 1
+            invented += span not in record.text
+        parts[record.id].append(grounded)
+
+    scorer = IEScorer(task)
+    predictions = []
+    for record in records:
+        merged = _merge(task, parts[record.id])
+        gold = {"entities": record.entities, "relations": record.relations, "events": record.events}
+        scorer.add(gold, merged)
+        predictions.append(
+            {
+                "id": record.id,
+                "text": record.text,
+                "answers": raw[record.id],
+                "gold": _plain(gold),
+                "pred": _plain(merged),
+            }
+        )
+    metrics: dict[str, Any] = scorer.result()
+    metrics["f1"] = metrics[HEADLINE[task]]["f1"]
+    metrics["json_validity"] = round(100 * valid / len(jobs), 2) if jobs else 0.0
+    metrics["invented_span_rate"] = round(100 * invented / spans, 2) if spans else 0.0
+    metrics["spans"] = spans
+    metrics["instructions"] = len(jobs)
+    metrics["records"] = len(records)
+    return metrics, scorer.per_label_rows(), predictions
+
+
+def _plain(structure: dict[str, list]) -> dict[str, list]:
+    from dataclasses import asdict
+
+    return {key: [asdict(x) for x in value] for key, value in structure.items()}
+
+
+def evaluate_webqa(model, tokenizer, records: list[Record], settings: EvalSettings) -> dict[str, Any]:
+    prompts = [_prompt(tokenizer, qa_user_prompt(r)) for r in records]
+    answers = []
+    for batch in tqdm(list(_batches(prompts, settings.batch_size)), desc="webqa"):
+        answers.extend(
+            generate_free(model, tokenizer, batch, settings.webqa_max_new_tokens, settings.batch_size)
+        )
+    em = sum(exact_match(a, r.answer or "") for a, r in zip(answers, records, strict=True))
+    rouge = sum(char_rouge1_f1(a, r.answer or "") for a, r in zip(answers, records, strict=True))
+    n = max(len(records), 1)
+    return {
+        "exact_match": round(100 * em / n, 2),
+        "rouge1_char_f1": round(100 * rouge / n, 2),
+        "examples": len(records),
+    }
+
+
+@torch.no_grad()
+def evaluate_ceval(model, tokenizer, records: list[Record], settings: EvalSettings) -> dict[str, Any]:
+    """Accuracy by the next-token log-likelihood of each option letter after the prompt."""
+    letters = ["A", "B", "C", "D"]
+    letter_ids = [tokenizer.encode(x, add_special_tokens=False)[0] for x in letters]
+    tokenizer.padding_side = "left"
+    correct: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    prompts = [_prompt(tokenizer, mcq_user_prompt(r)) for r in records]
+    for start in tqdm(range(0, len(records), settings.batch_size), desc="ceval"):
+        batch = prompts[start : start + settings.batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        logits = model(**encoded).logits[:, -1, :]
+        choice = logits[:, letter_ids].argmax(dim=-1).tolist()
+        for record, index in zip(records[start : start + settings.batch_size], choice, strict=True):
+            category = record.meta.get("category", "all")
+            hit = letters[index] == record.answer
+            for key in (category, "all"):
+                total[key] += 1
+                correct[key] += hit
+    return {
+        "accuracy": round(100 * correct["all"] / max(total["all"], 1), 2),
+        "per_category": {k: round(100 * correct[k] / total[k], 2) for k in sorted(total) if k != "all"},
+        "examples": total["all"],
+    }
