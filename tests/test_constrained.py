@@ -1,0 +1,665 @@
+"""The generation constraint: grammar on bytes, token-trie walk, processor, end-to-end sampling.
+
+Tokenizers and models are tiny and built here (no hub): a GPT-2 style byte-level BPE and a
+sentencepiece-like BPE (Metaspace, ``<0x..>`` byte fallback), each under a random Llama.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from chatuie.constrained import (
+    IEConstraintProcessor,
+    IEGrammar,
+    IERequest,
+    TokenTable,
+    complete_answer,
+    constrained_generate,
+    token_table,
+)
+from chatuie.output_format import ground
+from chatuie.records import Schema
+
+# JSON punctuation next to words, so merges straddle span edges (e.g. '":["John').
+CORPUS = [
+    '{"PER":["张三"],"ORG":[]} Hello world, "quoted" text.',
+    '{"entities":{"Peop":["John"],"Org":["IBM"]},"relations":{"Work_For":[{"head":"John","tail":"IBM"}]}}',
+    '{"质押":[{"trigger":"质押","arguments":{"sub-org":["东方金钰"],"date":[]}}]}',
+    '北京是中国的首都。张三在北京工作。 back\\slash and "quotes" here',
+    "John Smith works for IBM in New York. Beijing is the capital.",
+] * 3
+
+
+def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>"
+    )
+
+
+def _sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    # A small alphabet: most Chinese characters must go through <0x..> byte pieces.
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=specials, limit_alphabet=60)
+    trained.train_from_iterator(CORPUS, trainer)
+    config = json.loads(trained.to_str())["model"]
+    # Like Llama: the byte pieces are ordinary vocabulary entries of the BPE model.
+    vocab: dict[str, int] = {}
+    for piece in specials + [f"<0x{i:02X}>" for i in range(256)]:
+        vocab[piece] = len(vocab)
+    for piece, _ in sorted(config["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in config["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+    )
+
+
+def _tiny_llama(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_scale: float = 0.02
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        initializer_range=init_scale,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece_like"])
+def tokenizer_and_model(request: pytest.FixtureRequest):
+    build = (
+        _byte_level_tokenizer if request.param == "byte_level" else _sentencepiece_like_tokenizer
+    )
+    tokenizer = build()
+    return tokenizer, _tiny_llama(tokenizer)
+
+
+NER = Schema(entities=["PER", "LOC"])
+RE = Schema(entities=["Peop", "Org"], relations=["Work_For", "Live_In"])
+EE = Schema(events={"质押": ["sub-org", "date"], "收购": ["obj"]})
+TEXT = '张三在北京说"你好" John works for IBM\\x.\n李四'
+
+
+def _grammar(task: str, text: str = TEXT, schema: Schema | None = None) -> IEGrammar:
+    return IEGrammar(task, text, schema or {"ner": NER, "re": RE, "ee": EE}[task])
+
+
+# --------------------------------------------------------------------------------------------
+# The grammar on bytes
+
+
+@pytest.mark.parametrize(
+    ("task", "answer", "ok"),
+    [
+        ("ner", "{}", True),
+        ("ner", '{"PER":["张三"],"LOC":[]}', True),
+        ("ner", '{"LOC":["北京","在"],"PER":["John"]}', True),
+        ("ner", '{"PER":["说\\"你"]}', True),  # text '"' escaped, one character of the text
+        ("ner", '{"PER":["IBM\\\\x"]}', True),  # text '\' escaped
+        ("ner", '{"PER":["李四"]}', True),
+        ("ner", '{"PER":["x.\\n李"]}', False),  # control characters cannot be spanned
+        ("ner", '{"PER":["说"你"]}', False),  # an unescaped quote closes the span
+        ("ner", '{"PER":["\\u5f20"]}', False),  # only \" and \\ escapes
+        ("ner", '{"PER":[""]}', False),  # spans are non-empty
+        ("ner", '{"PER":["张四"]}', False),  # not a substring
+        ("ner", '{"ORG":[]}', False),  # not in the schema
+        ("ner", '{"PER":[],"PER":[]}', False),  # a key at most once
+        ("ner", '{ "PER":[]}', False),  # compact: no whitespace outside strings
+        ("ner", '{"PER":[] }', False),
+        ("ner", '{"PER":["张三",]}', False),
+        ("ner", '{"PER":["张三"]', False),  # incomplete
+        ("re", '{"entities":{},"relations":{}}', True),
+        (
+            "re",
+            '{"entities":{"Peop":["John"],"Org":["IBM"]},'
+            '"relations":{"Work_For":[{"head":"John","tail":"IBM"}],"Live_In":[]}}',
+            True,
+        ),
+        ("re", '{"entities":{"Work_For":[]},"relations":{}}', False),
+        ("re", '{"entities":{},"relations":{"Peop":[]}}', False),
+        ("re", '{"entities":{},"relations":{"Work_For":[{"head":"John"}]}}', False),
+        ("re", '{"relations":{},"entities":{}}', False),
+        ("ee", "{}", True),
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"],"date":[]}}]}', True),
+        ("ee", '{"质押":[],"收购":[{"trigger":"北京","arguments":{}}]}', True),
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"obj":["张三"]}}]}', False),  # wrong role
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"date":[],"date":[]}}]}', False),
+        ("ee", '{"质押":[{"trigger":"","arguments":{}}]}', False),
+        ("ee", '{"质押":[{"arguments":{},"trigger":"说"}]}', False),
+    ],
+)
+def test_grammar_accepts_exactly_the_format(task: str, answer: str, ok: bool) -> None:
+    assert _grammar(task).accepts(answer.encode()) is ok
+    if ok:
+        assert ground(task, answer, TEXT, _grammar(task).schema)["dropped"] == 0
+
+
+def test_spans_close_only_on_whole_characters() -> None:
+    grammar = _grammar("ner")
+    zhang = "张".encode()
+    state = grammar.advance(grammar.initial, b'{"PER":["' + zhang[:2])
+    assert state is not None
+    assert grammar.step(state, ord('"')) is None  # mid-character
+    assert grammar.advance(state, zhang[2:] + b'"]}') is not None
+    # A span cannot start with a continuation byte even where those bytes occur in the text.
+    assert grammar.advance(grammar.initial, b'{"PER":["' + zhang[1:]) is None
+
+
+def test_keys_with_quotes_and_non_ascii_are_json_escaped() -> None:
+    schema = Schema(entities=['say"q', "a\\b", "人物"])
+    grammar = IEGrammar("ner", "abc", schema)
+    answer = json.dumps(
+        {'say"q': ["a"], "a\\b": [], "人物": ["bc"]}, ensure_ascii=False, separators=(",", ":")
+    )
+    assert grammar.accepts(answer.encode())
+    assert not grammar.accepts(b'{"say"q":[]}')
+
+
+def test_text_without_spannable_characters_allows_only_empty_lists() -> None:
+    for text in ["", "\n\t\n"]:
+        ner = IEGrammar("ner", text, NER)
+        assert ner.accepts(b'{"PER":[]}')
+        assert ner.transitions(ner.advance(ner.initial, b'{"PER":[')).keys() == {ord("]")}
+        re_ = IEGrammar("re", text, RE)
+        state = re_.advance(re_.initial, b'{"entities":{},"relations":{"Work_For":[')
+        assert set(re_.transitions(state)) == {ord("]")}
+        ee = IEGrammar("ee", text, EE)
+        state = ee.advance(ee.initial, '{"质押":['.encode())
+        assert set(ee.transitions(state)) == {ord("]")}
+
+
+def test_all_keys_used_closes_the_object() -> None:
+    grammar = IEGrammar("ner", "abc", Schema(entities=["A"]))
+    state = grammar.advance(grammar.initial, b'{"A":[]')
+    assert set(grammar.transitions(state)) == {ord("}")}
+
+
+def test_leading_space_option() -> None:
+    assert not _grammar("ner").accepts(b' {"PER":[]}')
+    grammar = IEGrammar("ner", TEXT, NER, allow_leading_space=True)
+    assert grammar.accepts(b' {"PER":[]}') and grammar.accepts(b'{"PER":[]}')
+    assert not grammar.accepts(b'  {"PER":[]}')
+
+
+@pytest.mark.parametrize(
+    ("task", "partial", "expected"),
+    [
+        ("ner", "", "{}"),
+        ("ner", '{"PER":["张', '{"PER":["张"]}'),  # a valid span is closed where it stands
+        ("ner", '{"PER":["张三","', '{"PER":["张三"]}'),  # an empty span is dropped
+        ("ner", '{"PER":["张三","说\\', '{"PER":["张三"]}'),  # so is an open escape
+        ("ner", '{"PER":["张三"],"LO', '{"PER":["张三"]}'),  # and a partial key
+        ("ner", '{"PER":["张三"],"LOC":["北京"]}', '{"PER":["张三"],"LOC":["北京"]}'),
+        ("ner", '{"PER":["张三"]} trailing', '{"PER":["张三"]}'),
+        ("ner", '{"PER":["张三X"]}', '{"PER":["张三"]}'),  # cut at the first invalid byte
+        ("re", '{"entities":{"Peop":["John"]', '{"entities":{"Peop":["John"]},"relations":{}}'),
+        (
+            "re",
+            '{"entities":{},"relations":{"Work_For":[{"head":"John","tail":"I',
+            '{"entities":{},"relations":{"Work_For":[{"head":"John","tail":"I"}]}}',
+        ),
+        (
+            "re",
+            '{"entities":{},"relations":{"Work_For":[{"head":"Jo',
+            '{"entities":{},"relations":{"Work_For":[]}}',
+        ),
+        ("ee", '{"质押":[{"trigger":"说', '{"质押":[{"trigger":"说","arguments":{}}]}'),
+        (
+            "ee",
+            '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"],"da',
+            '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"]}}]}',
+        ),
+    ],
+)
+def test_completion_of_truncated_answers(task: str, partial: str, expected: str) -> None:
+    schema = {"ner": NER, "re": RE, "ee": EE}[task]
+    request = IERequest(task, TEXT, schema)
+    assert complete_answer(request, partial) == expected
+    assert ground(task, expected, TEXT, schema)["dropped"] == 0
+
+
+def test_completion_of_a_character_cut_in_half() -> None:
+    request = IERequest("ner", TEXT, NER)
+    assert (
+        complete_answer(request, '{"PER":["张三"],"LOC":["北'.encode()[:-1])
+        == '{"PER":["张三"],"LOC":[]}'
+    )
+
+
+@given(st.sampled_from(["ner", "re", "ee"]), st.binary(max_size=80), st.integers(0, 80))
+@settings(max_examples=300, deadline=None, database=None)
+def test_completion_always_parses(task: str, noise: bytes, cut: int) -> None:
+    schema = {"ner": NER, "re": RE, "ee": EE}[task]
+    grammar = _grammar(task)
+    # Walk a random valid path (driven by ``noise``), cut it anywhere, complete it.
+    state, out = grammar.initial, bytearray()
+    for byte in noise:
+        moves = grammar.transitions(state)
+        if not moves:
+            break
+        choice = sorted(moves)[byte % len(moves)]
+        state = moves[choice]
+        out.append(choice)
+    answer = complete_answer(IERequest(task, TEXT, schema), bytes(out[:cut]))
+    assert grammar.accepts(answer.encode())
+    assert ground(task, answer, TEXT, schema)["dropped"] == 0
+    # The inventive completion used by the budget also always ends in a complete answer.
+    extension = grammar.extension(state)
+    assert grammar.accepts(bytes(out) + extension)
+    assert len(extension) <= grammar.max_completion_bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Token table and trie walk
+
+
+def test_token_bytes_match_the_tokenizer(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    table = token_table(tokenizer)
+    assert token_table(tokenizer) is table  # cached per tokenizer
+    assert table.eos_ids == (tokenizer.eos_token_id,)
+    for text in ['{"PER":["张三"]}', '北京 is 首都, 龘 "q" a\\b', "John Smith  works"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        decoded = table.decode(ids).decode("utf-8")
+        assert decoded.lstrip(" ") == text  # Metaspace adds one leading "▁"
+    if "▁" in "".join(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        assert table.token_bytes[tokenizer.convert_tokens_to_ids("<0xE4>")] == b"\xe4"
+
+
+def _brute_force_allowed(grammar: IEGrammar, state, table: TokenTable) -> set[int]:
+    return {
+        t
+        for t, data in enumerate(table.token_bytes)
+        if data and grammar.advance(state, data) is not None
+    }
+
+
+@given(st.sampled_from(["ner", "re", "ee"]), st.binary(min_size=0, max_size=60))
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_trie_walk_equals_brute_force(tokenizer_and_model, task: str, noise: bytes) -> None:
+    tokenizer, _ = tokenizer_and_model
+    table = token_table(tokenizer)
+    grammar = _grammar(task)
+    state = grammar.initial
+    for byte in noise:
+        moves = grammar.transitions(state)
+        if not moves:
+            break
+        state = moves[sorted(moves)[byte % len(moves)]]
+    entry = grammar.allowed(state, table)
+    assert set(entry.ids) == _brute_force_allowed(grammar, state, table)
+    for token, after in zip(entry.ids, entry.states, strict=True):
+        assert grammar.advance(state, table.token_bytes[token]) == after
+
+
+def test_straddling_and_byte_tokens_on_a_handmade_vocabulary() -> None:
+    pieces = [
+        None,
+        b"{",
+        b'"',
+        b"}",
+        b"]",
+        b'"]',
+        b'"]}',
+        b"Bei",
+        b"ji",
+        b"ng",
+        b'ng"]',
+        b'ng"]}',
+        b'{"LOC":["',
+        b" Bei",
+        b"\xe5",
+        b"\x8c",
+        b"\x97",
+        "北".encode(),
+        b"\\",
+        b'\\"',
+        b'"LOC',
+        b'":[',
+    ]
+    table = TokenTable(pieces, eos_ids=[0])
+    grammar = IEGrammar("ner", 'Beijing 北京 say "hi" in Beijing', Schema(entities=["LOC"]))
+    ids = lambda state: {pieces[t] for t in grammar.allowed(state, table).ids}  # noqa: E731
+    assert ids(grammar.initial) == {b"{", b'{"LOC":["'}
+    in_span = grammar.advance(grammar.initial, b'{"LOC":["Beiji')
+    assert {b'ng"]', b'ng"]}', b"ng"} <= ids(in_span)
+    assert b'"]' in ids(in_span) and b"Bei" not in ids(in_span)
+    start = grammar.advance(grammar.initial, b'{"LOC":["')
+    assert {b"Bei", b"\xe5", "北".encode(), b" Bei", b'\\"'} <= ids(start)
+    assert b'"' not in ids(start)  # empty span
+    assert b"\x8c" not in ids(start)  # a span cannot start mid-character
+    mid_char = grammar.advance(start, b"\xe5")
+    assert ids(mid_char) == {b"\x8c"}  # only the continuation byte of 北
+    assert grammar.advance(grammar.initial, b'{"LOC":["say \\"hi\\""]}') is not None
+    done = grammar.advance(grammar.initial, b'{"LOC":["ng"]}')
+    assert grammar.is_complete(done) and ids(done) == set()
+
+
+# --------------------------------------------------------------------------------------------
+# The processor
+
+
+def _step_scores(
+    processor: IEConstraintProcessor, ids: list[list[int]], vocab: int
+) -> torch.Tensor:
+    return processor(torch.tensor(ids), torch.zeros(len(ids), vocab))
+
+
+def test_eos_only_when_complete(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    table = token_table(tokenizer)
+    eos = tokenizer.eos_token_id
+    request = IERequest("ner", "John lives in Beijing", NER)
+    processor = IEConstraintProcessor(tokenizer, [request])
+    answer_ids = table.greedy_tokens(b'{"PER":["John"]}')
+    prompt = [5, 6, 7]
+    vocab = len(tokenizer) + 3  # models often have padded embedding rows
+    for k in range(len(answer_ids) + 2):
+        sequence = prompt + answer_ids[:k] if k <= len(answer_ids) else prompt + answer_ids + [eos]
+        scores = _step_scores(processor, [sequence], vocab)
+        allowed = set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
+        if k < len(answer_ids):
+            assert eos not in allowed and answer_ids[k] in allowed
+            assert max(allowed) < len(tokenizer)
+        else:
+            assert allowed <= {eos, tokenizer.pad_token_id} and eos in allowed
+    assert processor.completed_texts() == ['{"PER":["John"]}']
+
+
+def test_leading_space_is_allowed_on_request_and_stripped(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    table = token_table(tokenizer)
+    answer = table.greedy_tokens(b' {"PER":["John"]}')
+    request = IERequest("ner", "John", NER)
+    strict = IEConstraintProcessor(tokenizer, [request])
+    scores = _step_scores(strict, [[1]], len(tokenizer))
+    assert not torch.isfinite(scores[0, answer[0]])  # " " or "▁{" cannot start the answer
+    lenient = IEConstraintProcessor(tokenizer, [request], allow_leading_space=True)
+    scores = _step_scores(lenient, [[1]], len(tokenizer))
+    assert torch.isfinite(scores[0, answer[0]])
+    assert lenient.finalize(torch.tensor([[1, *answer]])) == ['{"PER":["John"]}']
+
+
+def test_processor_batches_rows_independently(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    table = token_table(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    requests = [IERequest("ner", "John", NER), IERequest("ee", "质押", EE)]
+    processor = IEConstraintProcessor(tokenizer, requests, prompt_length=2)
+    short = table.greedy_tokens(b"{}") + [eos]
+    long = table.greedy_tokens('{"质押":[{"'.encode())
+    width = max(len(short), len(long))
+    rows = [
+        [pad, 1, *short, *[pad] * (width - len(short))],
+        [1, 1, *long, *[pad] * (width - len(long))],
+    ]
+    assert len(long) >= len(short)
+    scores = _step_scores(processor, rows, len(tokenizer))
+    finite = [set(torch.isfinite(scores[r]).nonzero().flatten().tolist()) for r in range(2)]
+    assert finite[0] == {eos, pad}  # a finished row only gets EOS / pad
+    assert eos not in finite[1] and table.greedy_tokens(b"trigger")[0] in finite[1]
+    assert processor.completed_texts() == ["{}", '{"质押":[]}']
+
+
+def test_num_return_sequences_rows_share_a_request(tokenizer_and_model) -> None:
+    tokenizer, model = tokenizer_and_model
+    request = IERequest("ner", "John lives in Beijing", NER)
+    processor = IEConstraintProcessor(tokenizer, [request], max_new_tokens=30)
+    encoded = tokenizer(["Extract: John lives in Beijing"], return_tensors="pt")
+    torch.manual_seed(1)
+    out = model.generate(
+        **encoded,
+        max_new_tokens=30,
+        do_sample=True,
+        top_k=0,
+        num_return_sequences=3,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=[processor],
+    )
+    texts = processor.finalize(out)
+    assert len(texts) == 3
+    assert all(ground("ner", t, request.text, NER)["dropped"] == 0 for t in texts)
+
+
+def test_beam_search_rows_are_resynchronised(tokenizer_and_model) -> None:
+    tokenizer, model = tokenizer_and_model
+    text = 'John works for IBM, 张三在北京说"你好"'
+    requests = [IERequest("re", text, RE), IERequest("ee", text, EE)]
+    encoded = tokenizer(
+        [f"{r.task}: {text}" for r in requests],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    processor = IEConstraintProcessor(tokenizer, requests, max_new_tokens=30)
+    out = model.generate(
+        **encoded,
+        max_new_tokens=30,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=[processor],
+    )
+    texts = processor.finalize(out)
+    assert len(texts) == 4
+    assert all(processor.row_complete())  # the beams were masked with their own states
+    for index, answer in enumerate(texts):
+        request = requests[index // 2]
+        _check_answer(request.task, answer, text, request.schema)
+
+
+def test_budget_aware_generation_completes_by_itself(tokenizer_and_model) -> None:
+    tokenizer, model = tokenizer_and_model
+    text = '张三在北京说"你好" John works for IBM'
+    requests = [
+        IERequest("ner", text, NER),
+        IERequest("re", text, RE),
+        IERequest("ee", text, EE),
+    ] * 2
+    prompts = [f"{r.task}: {text}" for r in requests]
+    table = token_table(tokenizer)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    processor = IEConstraintProcessor(
+        tokenizer, requests, max_new_tokens=40, eos_token_ids=table.eos_ids
+    )
+    torch.manual_seed(3)
+    out = model.generate(
+        **encoded,
+        max_new_tokens=40,
+        do_sample=True,
+        top_k=0,
+        temperature=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=[processor],
+    )
+    texts = processor.finalize(out)
+    assert all(processor.row_complete())  # no completion was needed
+    for request, answer in zip(requests, texts, strict=True):
+        assert ground(request.task, answer, text, request.schema)["dropped"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: a random model sampling at temperature 1 always yields valid, grounded answers
+
+CHARS = list('张三李四北京中国的是在说你好质押收购 abcJohnIBMx"\\,.:{}[]\n')
+ENTITY_LABELS = ["PER", "LOC", "ORG", "人物", 'say"q', "a\\b"]
+RELATION_LABELS = ["Work_For", "Live_In", "位于"]
+EVENT_ROLES = {"质押": ["sub-org", "date", "obj"], "收购": ["obj", "sub"], 'E"x': ["r\\1"]}
+
+
+@st.composite
+def schemas(draw: st.DrawFn) -> tuple[Schema, Schema, Schema]:
+    entities = draw(st.lists(st.sampled_from(ENTITY_LABELS), max_size=4, unique=True))
+    relations = draw(st.lists(st.sampled_from(RELATION_LABELS), max_size=3, unique=True))
+    events = draw(st.lists(st.sampled_from(sorted(EVENT_ROLES)), max_size=3, unique=True))
+    roles = {
+        e: draw(st.lists(st.sampled_from(EVENT_ROLES[e]), max_size=3, unique=True)) for e in events
+    }
+    return (
+        Schema(entities=entities),
+        Schema(entities=entities, relations=relations),
+        Schema(events=roles),
+    )
+
+
+def _check_answer(task: str, answer: str, text: str, schema: Schema) -> None:
+    data = json.loads(answer)
+    assert answer == json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # compact
+
+    def spans(values: object) -> None:
+        assert isinstance(values, list)
+        for span in values:
+            assert isinstance(span, str) and span and span in text
+
+    def entity_object(obj: object) -> None:
+        assert isinstance(obj, dict)
+        for label, values in obj.items():
+            assert label in schema.entities
+            spans(values)
+
+    if task == "ner":
+        entity_object(data)
+    elif task == "re":
+        assert list(data) == ["entities", "relations"]
+        entity_object(data["entities"])
+        for label, items in data["relations"].items():
+            assert label in schema.relations
+            for item in items:
+                assert list(item) == ["head", "tail"]
+                spans([item["head"], item["tail"]])
+    else:
+        for label, items in data.items():
+            assert label in schema.events
+            for item in items:
+                assert list(item) == ["trigger", "arguments"]
+                spans([item["trigger"]])
+                for role, values in item["arguments"].items():
+                    assert role in schema.events[label]
+                    spans(values)
+    assert ground(task, answer, text, schema)["dropped"] == 0
+
+
+@given(
+    text=st.text(alphabet=st.sampled_from(CHARS), max_size=40),
+    schema_triple=schemas(),
+    seed=st.integers(0, 2**31 - 1),
+    max_new_tokens=st.integers(8, 48),
+    budget_aware=st.booleans(),
+    # 0.02: near-uniform sampling among allowed tokens; 1.0: a peaked, opinionated random model.
+    init_scale=st.sampled_from([0.02, 1.0]),
+)
+@settings(
+    max_examples=80,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_random_model_always_produces_valid_grounded_answers(
+    tokenizer_and_model,
+    text: str,
+    schema_triple,
+    seed: int,
+    max_new_tokens: int,
+    budget_aware: bool,
+    init_scale: float,
+) -> None:
+    tokenizer, _ = tokenizer_and_model
+    model = _tiny_llama(tokenizer, seed=seed % 1000, init_scale=init_scale)
+    requests = [
+        IERequest(task, text, s) for task, s in zip(("ner", "re", "ee"), schema_triple, strict=True)
+    ]
+    prompts = [
+        f"{r.task} | {text} | {json.dumps(r.schema.to_dict(), ensure_ascii=False)}"
+        for r in requests
+    ]
+    torch.manual_seed(seed)
+    answers = constrained_generate(
+        model,
+        tokenizer,
+        prompts,
+        requests,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        budget_aware=budget_aware,
+    )
+    for request, answer in zip(requests, answers, strict=True):
+        _check_answer(request.task, answer, text, request.schema)
+
+
+def test_greedy_generation_in_batches(tokenizer_and_model) -> None:
+    tokenizer, model = tokenizer_and_model
+    texts = ["John works for IBM.", '北京是"中国"的首都', "a\\b", ""]
+    requests = [
+        IERequest(task, t, {"ner": NER, "re": RE, "ee": EE}[task])
+        for t in texts
+        for task in ("ner", "re", "ee")
+    ]
+    prompts = [f"{r.task}: {r.text}" for r in requests]
+    answers = constrained_generate(
+        model, tokenizer, prompts, requests, max_new_tokens=24, batch_size=5
+    )
+    again = constrained_generate(
+        model, tokenizer, prompts, requests, max_new_tokens=24, batch_size=12
+    )
+    assert answers == again  # greedy: batching and padding do not change the answers
+    for request, answer in zip(requests, answers, strict=True):
+        _check_answer(request.task, answer, request.text, request.schema)
