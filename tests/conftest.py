@@ -28,3 +28,13 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory) -> Path:
+    """One real `dvc repro` of the whole pipeline on the smoke profile, shared by the e2e tests."""
+    from pipeline_repo import make_repo, run
+
+    repo = make_repo(tmp_path_factory.mktemp("smoke"), profile="smoke")
+    run(["dvc", "repro"], repo)
+    return repo

@@ -37,6 +37,10 @@ class ChatOptions:
     absent_label_rate: float = 1.0
     # Split a schema into instructions of at most this many labels (0 = never split).
     max_labels_per_instruction: int = 0
+    # A system turn and an answer-format hint help real chat models; a tiny model built here
+    # learns the format from the answers, and every prompt token costs CPU time.
+    system_prompt: bool = True
+    format_hint: bool = True
     seed: int = 13
 
 
@@ -86,7 +90,7 @@ def instruction_schemas(record: Record, options: ChatOptions, *, train: bool) ->
     return [_subschema(record.schema, record.task, labels[i : i + size]) for i in range(0, len(labels), size)]
 
 
-def ie_user_prompt(task: str, text: str, schema: Schema) -> str:
+def ie_user_prompt(task: str, text: str, schema: Schema, format_hint: bool = True) -> str:
     lines = [f"Task: {_TASK_NAME[task]}."]
     if task == "ner":
         lines.append(f"Entity types: {json.dumps(schema.entities, ensure_ascii=False)}")
@@ -95,7 +99,8 @@ def ie_user_prompt(task: str, text: str, schema: Schema) -> str:
         lines.append(f"Relation types: {json.dumps(schema.relations, ensure_ascii=False)}")
     else:
         lines.append(f"Event types and roles: {json.dumps(schema.events, ensure_ascii=False)}")
-    lines.append(f"Answer in JSON: {_FORMAT_HINT[task]}")
+    if format_hint:
+        lines.append(f"Answer in JSON: {_FORMAT_HINT[task]}")
     lines.append(f"Text: {text}")
     return "\n".join(lines)
 
@@ -113,8 +118,9 @@ def mcq_user_prompt(record: Record) -> str:
     return f"{record.question}\n{choices}\nAnswer with the letter of the correct option."
 
 
-def messages_for(user: str, answer: str | None) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+def messages_for(user: str, answer: str | None, system_prompt: bool = True) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system_prompt else []
+    messages.append({"role": "user", "content": user})
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
@@ -124,9 +130,21 @@ def build_samples(record: Record, options: ChatOptions, *, train: bool) -> list[
     """All chat samples of one record (IE records may give several instructions)."""
     base = {"record_id": record.id, "dataset": record.dataset, "task": record.task}
     if record.task == "qa":
-        return [{**base, "id": record.id, "messages": messages_for(qa_user_prompt(record), record.answer)}]
+        return [
+            {
+                **base,
+                "id": record.id,
+                "messages": messages_for(qa_user_prompt(record), record.answer, options.system_prompt),
+            }
+        ]
     if record.task == "mcq":
-        return [{**base, "id": record.id, "messages": messages_for(mcq_user_prompt(record), record.answer)}]
+        return [
+            {
+                **base,
+                "id": record.id,
+                "messages": messages_for(mcq_user_prompt(record), record.answer, options.system_prompt),
+            }
+        ]
     samples = []
     for index, schema in enumerate(instruction_schemas(record, options, train=train)):
         samples.append(
@@ -135,7 +153,9 @@ def build_samples(record: Record, options: ChatOptions, *, train: bool) -> list[
                 "id": f"{record.id}#{index}",
                 "schema": schema.to_dict(),
                 "messages": messages_for(
-                    ie_user_prompt(record.task, record.text, schema), render(record, schema)
+                    ie_user_prompt(record.task, record.text, schema, options.format_hint),
+                    render(record, schema),
+                    options.system_prompt,
                 ),
             }
         )

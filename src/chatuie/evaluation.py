@@ -57,8 +57,10 @@ def _subsample(records: list[Record], limit: int, seed: int) -> list[Record]:
     return [r for i, r in enumerate(records) if i in keep]
 
 
-def _prompt(tokenizer, user: str) -> str:
-    return tokenizer.apply_chat_template(messages_for(user, None), tokenize=False, add_generation_prompt=True)
+def _prompt(tokenizer, user: str, chat: ChatOptions) -> str:
+    """The request exactly as training samples pose it (same system turn, same template)."""
+    messages = messages_for(user, None, chat.system_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -121,7 +123,7 @@ def evaluate_ie(
     jobs: list[tuple[Record, Schema]] = [
         (r, schema) for r in records for schema in instruction_schemas(r, chat, train=False)
     ]
-    prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s)) for r, s in jobs]
+    prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s, chat.format_hint), chat) for r, s in jobs]
     if constrained:
         from chatuie.constrained import IERequest, constrained_generate
 
@@ -201,8 +203,10 @@ def _plain(structure: dict[str, list]) -> dict[str, list]:
     return {key: [asdict(x) for x in value] for key, value in structure.items()}
 
 
-def evaluate_webqa(model, tokenizer, records: list[Record], settings: EvalSettings) -> dict[str, Any]:
-    prompts = [_prompt(tokenizer, qa_user_prompt(r)) for r in records]
+def evaluate_webqa(
+    model, tokenizer, records: list[Record], chat: ChatOptions, settings: EvalSettings
+) -> dict[str, Any]:
+    prompts = [_prompt(tokenizer, qa_user_prompt(r), chat) for r in records]
     answers = []
     for batch in tqdm(list(_batches(prompts, settings.batch_size)), desc="webqa"):
         answers.extend(
@@ -219,14 +223,16 @@ def evaluate_webqa(model, tokenizer, records: list[Record], settings: EvalSettin
 
 
 @torch.no_grad()
-def evaluate_ceval(model, tokenizer, records: list[Record], settings: EvalSettings) -> dict[str, Any]:
+def evaluate_ceval(
+    model, tokenizer, records: list[Record], chat: ChatOptions, settings: EvalSettings
+) -> dict[str, Any]:
     """Accuracy by the next-token log-likelihood of each option letter after the prompt."""
     letters = ["A", "B", "C", "D"]
     letter_ids = [tokenizer.encode(x, add_special_tokens=False)[0] for x in letters]
     tokenizer.padding_side = "left"
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    prompts = [_prompt(tokenizer, mcq_user_prompt(r)) for r in records]
+    prompts = [_prompt(tokenizer, mcq_user_prompt(r), chat) for r in records]
     for start in tqdm(range(0, len(records), settings.batch_size), desc="ceval"):
         batch = prompts[start : start + settings.batch_size]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)

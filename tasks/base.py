@@ -1,0 +1,72 @@
+"""Stage `base`: the model everything starts from (models/base/).
+
+`model.base: tiny` builds the embedded default: a byte-level BPE tokenizer trained on the training
+samples, a seeded Llama-architecture model sized in params, then taught to answer questions
+(WebQA train part, C-Eval dev) so it has measurable chat ability before IE training.
+Any other `model.base` (hub id or local directory) is loaded as is and saved to models/base/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _stage import run, section, set_threads
+
+from chatuie.io import read_jsonl, write_json
+from chatuie.modeling import ModelConfig, TeachSettings, chat_texts, load_model, save_model, teach_to_answer
+
+OUT = Path("models/base")
+
+
+@dataclass(frozen=True)
+class BaseStageConfig:
+    """``base`` section: what teaching the tiny model to answer uses."""
+
+    qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
+    teach: TeachSettings = field(default_factory=TeachSettings)
+    threads: int = 0
+
+
+def main() -> None:
+    model_config = section("model", ModelConfig)
+    config = section("base", BaseStageConfig)
+    set_threads(config.threads)
+    started = time.monotonic()
+    samples = list(read_jsonl(Path("data/samples/train.jsonl")))
+    metrics: dict = {"base": model_config.base}
+    if model_config.base == "tiny":
+        model, tokenizer = load_model(model_config, texts=chat_texts(samples))
+        qa = [s for s in samples if s["dataset"] in config.qa_datasets]
+        result = teach_to_answer(model, tokenizer, qa, config.teach, Path("models/checkpoints/base"))
+        model = result.model
+        metrics.update(
+            qa_samples=len(qa),
+            steps=result.global_step,
+            final_loss=result.loss_log[-1]["loss"] if result.loss_log else None,
+            parameters=sum(p.numel() for p in model.parameters()),
+            vocab_size=len(tokenizer),
+        )
+        write_loss_curve(Path("metrics/train/base_loss.csv"), result.loss_log)
+    else:
+        model, tokenizer = load_model(dataclasses.replace(model_config, lora=None))
+        metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    save_model(model, tokenizer, OUT)
+    metrics["seconds"] = round(time.monotonic() - started, 1)
+    write_json(Path("metrics/train/base.json"), metrics)
+    print(metrics)
+
+
+def write_loss_curve(path: Path, loss_log: list[dict]) -> None:
+    from chatuie.io import atomic_open
+
+    with atomic_open(path) as handle:
+        handle.write("step,loss\n")
+        for entry in loss_log:
+            handle.write(f"{entry['step']},{entry['loss']:.6f}\n")
+
+
+if __name__ == "__main__":
+    run(main)

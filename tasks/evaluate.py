@@ -1,0 +1,91 @@
+"""Stage `evaluate <model>`: IE F1 with the constraint on and off, chat ability; foreach model.
+
+Writes metrics/<model>.json (DVC metrics), reports/eval/<model>/per_label.csv, predictions, and
+rows of metrics/f1_by_dataset/<model>.csv for the F1-per-dataset plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _stage import run, section, set_threads
+
+from chatuie.chat import ChatOptions
+from chatuie.evaluation import EvalSettings, _subsample, evaluate_ceval, evaluate_ie, evaluate_webqa
+from chatuie.io import atomic_open, write_json, write_jsonl
+from chatuie.modeling import load_saved
+from chatuie.prepare import load_records
+from chatuie.samples import SamplesConfig
+
+IE_TEST = {"resume": "test", "conll04": "test", "fewfc": "test"}
+
+
+@dataclass(frozen=True)
+class EvaluateStageConfig:
+    """``evaluate`` section."""
+
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    constraint_modes: list[str] = field(default_factory=lambda: ["constrained", "free"])
+    threads: int = 0
+
+
+def main() -> None:
+    name = sys.argv[1]
+    config = section("evaluate", EvaluateStageConfig)
+    chat: ChatOptions = section("samples", SamplesConfig).chat
+    set_threads(config.threads)
+    settings = config.settings
+    started = time.monotonic()
+    model, tokenizer = load_saved(Path("models") / name)
+    out_dir = Path("reports/eval") / name
+    metrics: dict = {"ie": {}, "chat": {}}
+    label_rows: list[dict] = []
+    plot_rows: list[dict] = []
+    for dataset in config.datasets:
+        records = load_records(Path("data/records") / dataset / f"{IE_TEST[dataset]}.jsonl")
+        records = _subsample(records, settings.max_records_per_dataset, settings.seed)
+        for mode in config.constraint_modes:
+            result, rows, predictions = evaluate_ie(
+                model, tokenizer, records, chat, settings, constrained=mode == "constrained"
+            )
+            metrics["ie"].setdefault(dataset, {})[mode] = result
+            label_rows.extend({"dataset": dataset, "mode": mode, **row} for row in rows)
+            write_jsonl(out_dir / f"predictions.{dataset}.{mode}.jsonl", predictions)
+            plot_rows.append({"model": name, "dataset": f"{dataset}/{mode}", "f1": result["f1"]})
+    webqa = load_records(Path("data/records/webqa/test.jsonl"))
+    metrics["chat"]["webqa"] = evaluate_webqa(
+        model, tokenizer, _subsample(webqa, settings.max_chat_examples, settings.seed), chat, settings
+    )
+    ceval = load_records(Path("data/records/ceval/val.jsonl"))
+    metrics["chat"]["ceval"] = evaluate_ceval(
+        model, tokenizer, _subsample(ceval, settings.max_chat_examples, settings.seed), chat, settings
+    )
+    modes = config.constraint_modes
+    metrics["summary"] = {
+        **{f"f1_{d}_{m}": metrics["ie"][d][m]["f1"] for d in config.datasets for m in modes},
+        "mean_ie_f1": round(
+            sum(metrics["ie"][d][modes[0]]["f1"] for d in config.datasets) / len(config.datasets), 2
+        ),
+        "webqa_rouge1": metrics["chat"]["webqa"]["rouge1_char_f1"],
+        "ceval_accuracy": metrics["chat"]["ceval"]["accuracy"],
+    }
+    metrics["seconds"] = round(time.monotonic() - started, 1)
+    with atomic_open(out_dir / "per_label.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(label_rows[0]))
+        writer.writeheader()
+        writer.writerows(label_rows)
+    with atomic_open(Path("metrics/f1_by_dataset") / f"{name}.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["model", "dataset", "f1"])
+        writer.writeheader()
+        writer.writerows(plot_rows)
+    write_json(Path("metrics") / f"{name}.json", metrics)
+    print(metrics["summary"])
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,77 @@
+"""Stage `sft`: supervised fine-tuning on IE instructions plus a replay share of QA samples.
+
+Checkpoints go to models/checkpoints/sft (kept across runs: a killed run resumes from the last
+one); the final model to models/sft/, the loss curve to metrics/train/sft_loss.csv (dvc plots).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _stage import run, section, set_threads
+from base import write_loss_curve
+
+from chatuie.io import read_jsonl, write_json
+from chatuie.modeling import ModelConfig, TeachSettings, load_model, merge_lora, save_model, train_sft
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    """``sft`` section."""
+
+    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    max_samples_per_dataset: int = 0  # 0 = all
+    qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
+    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples
+    train: TeachSettings = field(default_factory=TeachSettings)
+    merge_lora: bool = False
+    threads: int = 0
+    seed: int = 13
+
+
+def select_samples(samples: list[dict], config: SFTStageConfig) -> list[dict]:
+    rng = random.Random(config.seed)
+    chosen: list[dict] = []
+    for dataset in config.datasets:
+        rows = [s for s in samples if s["dataset"] == dataset]
+        if config.max_samples_per_dataset and len(rows) > config.max_samples_per_dataset:
+            rows = rng.sample(rows, config.max_samples_per_dataset)
+        chosen.extend(rows)
+    qa = [s for s in samples if s["dataset"] in config.qa_datasets]
+    replay = min(len(qa), round(config.qa_replay_fraction * len(chosen)))
+    chosen.extend(rng.sample(qa, replay))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def main() -> None:
+    model_config = section("model", ModelConfig)
+    config = section("sft", SFTStageConfig)
+    set_threads(config.threads)
+    started = time.monotonic()
+    samples = select_samples(list(read_jsonl(Path("data/samples/train.jsonl"))), config)
+    # LoRA (if configured) wraps the saved base; the tiny default trains all weights.
+    model, tokenizer = load_model(model_config, "models/base")
+    result = train_sft(model, tokenizer, samples, config.train, Path("models/checkpoints/sft"))
+    model = result.model
+    if config.merge_lora:
+        model = merge_lora(model)
+    save_model(model, tokenizer, Path("models/sft"))
+    write_loss_curve(Path("metrics/train/sft_loss.csv"), result.loss_log)
+    metrics = {
+        "samples": len(samples),
+        "too_long": result.too_long,
+        "steps": result.global_step,
+        "resumed_from_step": int(result.resumed_from.rsplit("-", 1)[1]) if result.resumed_from else 0,
+        "final_loss": result.loss_log[-1]["loss"] if result.loss_log else None,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    write_json(Path("metrics/train/sft.json"), metrics)
+    print(metrics)
+
+
+if __name__ == "__main__":
+    run(main)

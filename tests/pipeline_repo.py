@@ -1,0 +1,61 @@
+"""Temporary git repos holding a copy of the pipeline, for tests that run real `dvc repro`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_STORE = (ROOT / ".." / "shared" / "dvc-store").resolve()
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "params.smoke.yaml",
+    "tasks",
+    "src",
+    "flows",
+    "data/raw.dvc",
+    "data/.gitignore",
+    ".dvc/config",
+    ".dvcignore",
+    "pyproject.toml",
+]
+
+
+def tool_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 900):
+    proc = subprocess.run(
+        args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def make_repo(dest: Path, profile: str | None = None) -> Path:
+    """Copy the pipeline into ``dest`` (a fresh git repo); ``profile='smoke'`` uses params.smoke.yaml."""
+    if not SHARED_STORE.is_dir():
+        raise RuntimeError(f"DVC remote not found at {SHARED_STORE}")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, dest / name
+        if not src.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    if profile:
+        shutil.copy(dest / f"params.{profile}.yaml", dest / "params.yaml")
+    run(["git", "init", "-q"], dest)
+    # The committed remote is relative to the checkout (../../shared/dvc-store); here it is elsewhere.
+    run(["dvc", "remote", "modify", "--local", "shared", "url", str(SHARED_STORE)], dest)
+    run(["dvc", "pull", "-q", "data/raw.dvc"], dest)
+    return dest
