@@ -1,0 +1,216 @@
+"""The ``chatuie`` command: extract, serve, view, report.
+
+    chatuie extract --schema schema.json "张三在北京工作。"
+    chatuie extract --schema schema.json -i in.jsonl -o out.jsonl     # resumable
+    chatuie serve --model models/sft --port 8000 --api-key KEY
+    chatuie view reports/eval/sft/predictions.conll04.constrained.jsonl -o view.html
+    chatuie report
+
+Expected failures (bad input, a missing model) print one ``error: ...`` line naming the file,
+line and field, and exit with status 1; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from chatuie.extract import DEFAULT_MODEL, ExtractError
+
+app = typer.Typer(
+    name="chatuie",
+    help="Grounded information extraction with a ChatUIE model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="CHATUIE_MODEL",
+        help="A saved model directory or an MLflow URI (models:/chatuie@production).",
+    ),
+]
+
+
+def _fail(message: object) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _settings(max_new_tokens: int, batch_size: int, max_labels: int, context: int | None, overlap: int):
+    from chatuie.extract import ExtractSettings
+
+    return ExtractSettings(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_labels_per_instruction=max_labels,
+        context_tokens=context,
+        overlap_tokens=overlap,
+    )
+
+
+def _threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@app.command()
+def extract(
+    schema: Annotated[Path, typer.Option("--schema", "-s", help="Schema file (docs/schema.md).")],
+    text: Annotated[str | None, typer.Argument(help="Text to extract from ('-' reads stdin).")] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    input_path: Annotated[
+        Path | None, typer.Option("--input", "-i", help="JSONL ({'id'?, 'text'} per line) or .txt input.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSONL output (resumed if present).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start the output file afresh instead of resuming.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer budget per instruction.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    max_labels: Annotated[int, typer.Option(help="Labels per instruction (0 = all in one).")] = 4,
+    context: Annotated[
+        int | None, typer.Option(help="Context tokens (default: the model's max_position_embeddings).")
+    ] = None,
+    overlap: Annotated[int, typer.Option(help="Tokens shared by consecutive windows of a long text.")] = 32,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar for file jobs.")] = True,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
+) -> None:
+    """Extract entities, relations and events with character offsets (constrained decoding)."""
+    from chatuie.extract import ExtractionSchema, Extractor, extract_file, read_inputs
+
+    try:
+        if (text is None) == (input_path is None):
+            _fail("give either a TEXT argument or --input FILE (with --output FILE)")
+        if input_path is not None and output is None:
+            _fail("--input needs --output (the output file is what makes a job resumable)")
+        if input_path is None and output is not None:
+            _fail("--output goes with --input")
+        parsed_schema = ExtractionSchema.load(schema)
+        if text == "-":
+            text = sys.stdin.read()
+        if text is not None and not text.strip():
+            _fail("TEXT: empty")
+        if input_path is not None:
+            read_inputs(input_path)  # validate before the (slow) model load
+        settings = _settings(max_new_tokens, batch_size, max_labels, context, overlap)
+        _threads(threads)
+        extractor = Extractor.load(model, settings)
+        if text is not None:
+            result = extractor.extract(text, parsed_schema)
+            typer.echo(json.dumps({"text": text, **result}, ensure_ascii=False, indent=2))
+            return
+        assert input_path is not None and output is not None
+        done = extract_file(
+            extractor, parsed_schema, input_path, output, overwrite=overwrite, progress=progress
+        )
+        typer.echo(
+            f"{output}: {done.written} written, {done.resumed} already done, {done.total} in total", err=True
+        )
+    except ExtractError as err:
+        _fail(err)
+
+
+@app.command()
+def serve(
+    model: ModelOption = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATUIE_API_KEY", help="Require 'Authorization: Bearer KEY'.", show_default=False
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Model name clients ask for (default: the model's).")
+    ] = None,
+    batching: Annotated[bool, typer.Option(help="Decode concurrent /v1/extract requests together.")] = True,
+    batch_window_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 15.0,
+    max_batch_size: Annotated[int, typer.Option(help="Requests per batch.")] = 8,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    max_text_chars: Annotated[int, typer.Option(help="Longest /v1/extract text.")] = 20_000,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer budget per instruction.")] = 256,
+    max_labels: Annotated[int, typer.Option(help="Labels per instruction.")] = 4,
+    context: Annotated[int | None, typer.Option(help="Context tokens (default: the model's).")] = None,
+    overlap: Annotated[int, typer.Option(help="Tokens shared by consecutive windows.")] = 32,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
+) -> None:
+    """Serve the model over HTTP: OpenAI-compatible chat completions plus /v1/extract."""
+    import logging
+
+    from chatuie.extract import Extractor
+    from chatuie.server import ServerSettings
+    from chatuie.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        _threads(threads)
+        extractor = Extractor.load(model, _settings(max_new_tokens, 8, max_labels, context, overlap))
+    except ExtractError as err:
+        _fail(err)
+    settings = ServerSettings(
+        model_name=name or extractor.name,
+        api_key=api_key or None,
+        batching=batching,
+        batch_window_ms=batch_window_ms,
+        max_batch_size=max_batch_size,
+        max_request_bytes=max_request_bytes,
+        max_text_chars=max_text_chars,
+    )
+    typer.echo(f"serving {settings.model_name!r} on http://{host}:{port}/v1", err=True)
+    run_server(extractor, settings, host=host, port=port)
+
+
+@app.command()
+def view(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Predictions / extract JSONL files.", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML page to write.")] = Path(
+        "view.html"
+    ),
+    title: Annotated[str | None, typer.Option(help="Page title (default: the file names).")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many records (0 = all).")] = 0,
+) -> None:
+    """Render extractions as a self-contained HTML page (gold vs predicted when gold exists)."""
+    from chatuie.viewer import ViewError, write_view
+
+    try:
+        count = write_view(inputs, output, title=title, limit=limit)
+    except ViewError as err:
+        _fail(err)
+    typer.echo(f"{output}: {count} records", err=True)
+
+
+@app.command()
+def report(
+    metrics_dir: Annotated[Path, typer.Option(help="Where metrics/<model>.json live.")] = Path("metrics"),
+    out_dir: Annotated[Path, typer.Option(help="Where report.md / report.html go.")] = Path("reports"),
+    zero_shot: Annotated[list[str] | None, typer.Option(help="A dataset evaluated zero-shot.")] = None,
+) -> None:
+    """Write the run report (tables and plots of the paper) from the evaluate stage's metrics."""
+    from chatuie.report import ReportConfig, ReportError, write_report
+
+    try:
+        written = write_report(metrics_dir, out_dir, ReportConfig(zero_shot=list(zero_shot or [])))
+    except ReportError as err:
+        _fail(err)
+    for path in written:
+        typer.echo(path)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,28 @@
+"""Stage `report`: the paper's tables and plots for this run, from the evaluate stages' metrics.
+
+Reads metrics/<model>.json (base, sft, and rl when it exists) and metrics/train/; writes
+reports/report.md, reports/report.html (self-contained) and reports/report_plots/*.svg.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _stage import run, section
+
+from chatuie.config import ConfigError
+from chatuie.report import ReportConfig, ReportError, write_report
+
+
+def main() -> None:
+    config = section("report", ReportConfig)
+    try:
+        written = write_report(Path("metrics"), Path("reports"), config)
+    except ReportError as err:  # the stage runner prints ConfigErrors as one clean line
+        raise ConfigError(str(err)) from None
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    run(main)

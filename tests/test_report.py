@@ -1,0 +1,196 @@
+"""The run report: tables from metrics/<model>.json, inline SVG plots, the `report` stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatuie.report import ReportConfig, ReportError, bar_chart, build_report, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ie_result(
+    f1: float, *, spans: int = 10, invented: float = 0.0, headline: str = "entity"
+) -> dict[str, Any]:
+    return {
+        headline: {"precision": f1, "recall": f1, "f1": f1, "tp": 1, "pred": 1, "gold": 1},
+        "f1": f1,
+        "json_validity": 100.0,
+        "invented_span_rate": invented,
+        "spans": spans,
+        "records": 20,
+        "instructions": 40,
+    }
+
+
+def metrics_of(scale: float, *, ceval: float, webqa: float, zero_shot: bool = False) -> dict[str, Any]:
+    ie = {
+        "resume": {"constrained": ie_result(50 * scale), "free": ie_result(40 * scale, invented=12.5)},
+        "conll04": {
+            "constrained": ie_result(30 * scale, headline="relation_strict"),
+            "free": ie_result(20 * scale, spans=0, headline="relation_strict"),
+        },
+        "fewfc": {
+            "constrained": ie_result(25 * scale, headline="argument_classification"),
+            "free": ie_result(15 * scale, invented=3.0, headline="argument_classification"),
+        },
+    }
+    if zero_shot:
+        ie["msra"] = {"constrained": ie_result(11.0), "free": ie_result(9.0)}
+    return {
+        "ie": ie,
+        "chat": {
+            "webqa": {"exact_match": webqa, "rouge1_char_f1": webqa * 2, "examples": 100},
+            "ceval": {"accuracy": ceval, "per_category": {}, "examples": 100},
+        },
+        "summary": {},
+    }
+
+
+def table(report: Any, title: str) -> Any:
+    return next(t for t in report.tables if t.title == title)
+
+
+def test_f1_table_columns_and_rl_column() -> None:
+    metrics = {
+        "base": metrics_of(0.2, ceval=40.0, webqa=20.0),
+        "sft": metrics_of(1.0, ceval=30.0, webqa=25.0),
+        "rl": metrics_of(1.2, ceval=36.0, webqa=0.0),
+    }
+    report = build_report(metrics)
+    f1 = table(report, "IE F1 per dataset")
+    assert f1.header == ["dataset", "task (metric)", "records", "Base", "SFT", "SFT + constraint", "RL"]
+    rows = {r[0]: r for r in f1.rows}
+    # Base and SFT columns are free decoding, SFT + constraint and RL constrained.
+    assert rows["resume"] == ["resume", "ner (entity)", "20", "8.00", "40.00", "50.00", "60.00"]
+    assert rows["conll04"][1] == "re (relation_strict)" and rows["conll04"][3:] == [
+        "4.00",
+        "20.00",
+        "30.00",
+        "36.00",
+    ]
+    assert rows["fewfc"][1] == "ee (argument_classification)"
+    assert rows["mean"][3:] == ["5.00", "25.00", "35.00", "42.00"]
+
+    chat = table(report, "Chat ability retained")
+    assert chat.header == ["metric", "Base", "SFT", "SFT / Base", "RL", "RL / Base"]
+    ceval = next(r for r in chat.rows if r[0] == "C-Eval accuracy")
+    assert ceval == ["C-Eval accuracy", "40.00", "30.00", "75.0%", "36.00", "90.0%"]
+    webqa = next(r for r in chat.rows if r[0] == "WebQA exact match")
+    assert webqa[4:] == ["0.00", "0.0%"]
+
+    detail = table(report, "Decoding modes: validity and invented spans")
+    inv = {(r[0], r[1], r[2]): r[7] for r in detail.rows}
+    assert inv[("resume", "SFT", "free")] == "12.50" and inv[("resume", "SFT", "constrained")] == "0.00"
+    assert inv[("conll04", "SFT", "free")] == "—"  # no span parsed: no rate to speak of
+
+    # Without metrics/rl.json there is no RL column.
+    report = build_report({k: v for k, v in metrics.items() if k != "rl"})
+    assert table(report, "IE F1 per dataset").header[-1] == "SFT + constraint"
+    assert "RL" not in table(report, "Chat ability retained").header
+
+
+def test_zero_shot_table_and_missing_values() -> None:
+    metrics = {"sft": metrics_of(1.0, ceval=30.0, webqa=25.0, zero_shot=True)}
+    report = build_report(metrics, ReportConfig(zero_shot=["msra"]))
+    main = table(report, "IE F1 per dataset")
+    assert [r[0] for r in main.rows] == ["resume", "conll04", "fewfc", "mean"]
+    assert main.rows[0][3] == "—"  # no base model evaluated
+    assert main.rows[-1][3] == "—" and main.rows[-1][4] == "25.00"
+    zero = table(report, "Zero-shot IE F1 (datasets not taught in SFT)")
+    assert zero.rows == [["msra", "ner (entity)", "20", "—", "9.00", "11.00"]]
+    with pytest.raises(ReportError, match="run the evaluate stage first"):
+        build_report({})
+
+
+def test_svg_charts_are_valid_xml() -> None:
+    svg = bar_chart(
+        "F1 <per> dataset", ["resume", "中文"], [("Base", [1.0, None]), ("SFT", [50.0, 20.0])], "F1"
+    )
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg")
+    bars = [el for el in root.iter() if el.tag.endswith("rect") and el.get("fill", "").startswith("#")]
+    assert len(bars) == 3 + 2  # three values (one n/a) and two legend swatches
+    assert "n/a" in svg and "F1 &lt;per&gt; dataset" in svg
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    (metrics_dir / "train").mkdir(parents=True)
+    for name, scale in (("base", 0.2), ("sft", 1.0)):
+        (metrics_dir / f"{name}.json").write_text(json.dumps(metrics_of(scale, ceval=30.0, webqa=10.0)))
+        (metrics_dir / "train" / f"{name}_loss.csv").write_text("step,loss\n1,7.5\n10,6.0\n20,bad\n")
+        (metrics_dir / "train" / f"{name}.json").write_text(json.dumps({"steps": 20, "final_loss": 6.0}))
+    (metrics_dir / "rl.json").write_text(json.dumps(metrics_of(1.1, ceval=29.0, webqa=10.0)))
+    rl_log = [{"step": 1, "reward": -0.5, "kl": 0.0}, {"step": 2, "reward": 0.25, "kl": 0.01}]
+    rl_train = {"algorithm": "grpo", "steps": 2, "kl_coef": 0.05, "reward_start": -0.5, "reward_end": 0.25}
+    (metrics_dir / "rl_train.json").write_text(json.dumps({**rl_train, "log": rl_log}))
+    out = tmp_path / "reports"
+    (out / "report_plots").mkdir(parents=True)
+    (out / "report_plots" / "stale.svg").write_text("<svg/>")
+    written = write_report(metrics_dir, out)
+    assert {p.name for p in written} == {
+        "f1_per_dataset.svg",
+        "invented_spans.svg",
+        "chat_ability.svg",
+        "training_loss.svg",
+        "rl_reward.svg",
+        "report.md",
+        "report.html",
+    }
+    assert not (out / "report_plots" / "stale.svg").exists()
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| resume | ner (entity) | 20 | 8.00 | 40.00 | 50.00 | 55.00 |" in md
+    assert "| grpo | 2 | 0.050 | -0.500 | 0.250 | — | — |" in md
+    assert "![IE F1 per dataset](report_plots/f1_per_dataset.svg)" in md
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("<svg") == 5 and "<link" not in page and "<script" not in page
+    for svg in (out / "report_plots").glob("*.svg"):
+        ET.fromstring(svg.read_text(encoding="utf-8"))
+    assert oct((out / "report.md").stat().st_mode & 0o777) != "0o600"
+
+
+def test_report_stage_runs_from_params(tmp_path: Path) -> None:
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "sft.json").write_text(json.dumps(metrics_of(1.0, ceval=30.0, webqa=10.0)))
+    (tmp_path / "params.yaml").write_text("report:\n  title: Smoke run\n  zero_shot: []\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / "report.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "reports" / "report.md").read_text(encoding="utf-8").startswith("# Smoke run")
+    assert (tmp_path / "reports" / "report.html").exists()
+
+    (tmp_path / "params.yaml").write_text("report:\n  titel: typo\n")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / "report.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 1 and "params.yaml: report.titel: unknown key" in run.stderr
+
+    (tmp_path / "params.yaml").write_text("prepare: {}\n")  # no report section: the defaults
+    (tmp_path / "metrics" / "sft.json").unlink()
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / "report.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 1 and "run the evaluate stage first" in run.stderr

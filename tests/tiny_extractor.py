@@ -1,0 +1,63 @@
+"""A tiny saved chat model for the extract / server tests: built locally (no hub), once per process.
+
+Byte-level BPE trained on the prompts and texts the tests use (so prompts are short in tokens),
+a 1-layer random Llama, saved with ``save_model``: loadable by ``load_saved`` like models/sft.
+Its answers are noise, but with the constraint always valid JSON of grounded spans.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
+
+from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
+from chatuie.modeling import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
+from chatuie.records import Schema
+
+EN_TEXT = "John Smith works for IBM in New York. Mary Jones lives in Boston, near the Charles River."
+ZH_TEXT = "东方金钰于2019年3月5日将其持有的1000万股股份质押给中信证券。张三在北京工作。"
+SCHEMA_DICT = {
+    "entities": ["Peop", "Org", "Loc"],
+    "relations": [{"type": "Work_For", "head": "Peop", "tail": "Org"}, "Live_In"],
+    "events": {"质押": ["质押方", "质押物", "质权方"]},
+}
+TINY = TinyModelConfig(
+    vocab_size=700,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    max_position_embeddings=512,
+    seed=5,
+)
+
+_lock = threading.Lock()
+_built: dict[str, Path] = {}
+
+
+def corpus() -> list[str]:
+    texts = [SYSTEM_PROMPT, "system\nuser\nassistant\n", EN_TEXT, ZH_TEXT]
+    for task, schema in (
+        ("ner", Schema(entities=["Peop", "Org", "Loc"])),
+        ("re", Schema(entities=["Peop", "Org", "Loc"], relations=["Work_For", "Live_In"])),
+        ("ee", Schema(events={"质押": ["质押方", "质押物", "质权方"]})),
+    ):
+        texts.append(ie_user_prompt(task, EN_TEXT, schema))
+        texts.append(ie_user_prompt(task, ZH_TEXT, schema))
+    texts += ['{"Peop":["John Smith"],"Org":["IBM"]}', '{"质押":[{"trigger":"质押","arguments":{}}]}']
+    return texts * 3
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """The saved tiny model under ``root`` (built on the first call of the process)."""
+    with _lock:
+        if "dir" not in _built:
+            tokenizer = train_tokenizer(corpus(), TINY.vocab_size, min_frequency=2)
+            model = build_tiny_model(TINY, tokenizer)
+            model.eval()
+            _built["dir"] = save_model(model, tokenizer, root / "tiny-chatuie")
+        return _built["dir"]
