@@ -16,6 +16,7 @@ from base import write_loss_curve
 
 from chatuie.io import read_jsonl, write_json
 from chatuie.modeling import ModelConfig, TeachSettings, load_model, merge_lora, save_model, train_sft
+from chatuie.reward import HeldoutSplit, is_heldout
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class SFTStageConfig:
     max_samples_per_dataset: int = 0  # 0 = all
     qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
     qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples
+    # Train records SFT leaves out (by a hash of the record id): reward_data scores the SFT
+    # model's answers on them, records it never saw.
+    heldout: HeldoutSplit = field(default_factory=HeldoutSplit)
     train: TeachSettings = field(default_factory=TeachSettings)
     merge_lora: bool = False
     threads: int = 0
@@ -36,7 +40,9 @@ def select_samples(samples: list[dict], config: SFTStageConfig) -> list[dict]:
     rng = random.Random(config.seed)
     chosen: list[dict] = []
     for dataset in config.datasets:
-        rows = [s for s in samples if s["dataset"] == dataset]
+        rows = [
+            s for s in samples if s["dataset"] == dataset and not is_heldout(s["record_id"], config.heldout)
+        ]
         if config.max_samples_per_dataset and len(rows) > config.max_samples_per_dataset:
             rows = rng.sample(rows, config.max_samples_per_dataset)
         chosen.extend(rows)

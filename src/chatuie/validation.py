@@ -232,7 +232,9 @@ def sample_tables(samples: dict[str, list[dict]], records: list[Record]) -> list
         checks = [
             gxe.ExpectTableRowCountToBeBetween(min_value=1),
             gxe.ExpectColumnValuesToBeUnique(column="id"),
-            gxe.ExpectColumnValuesToBeInSet(column="roles", value_set=["system/user/assistant"]),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="roles", value_set=["system/user/assistant", "user/assistant"]
+            ),
             gxe.ExpectColumnValuesToNotMatchRegex(column="answer", regex=r"^\s*$"),
             gxe.ExpectColumnValuesToBeInSet(column="answer_grounded", value_set=[True]),
             gxe.ExpectColumnValuesToBeInSet(column="has_record", value_set=[True]),

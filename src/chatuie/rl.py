@@ -1,0 +1,589 @@
+"""RL on IE instructions under a KL penalty to the SFT model: PPO (ChatUIE §3.3) or GRPO.
+
+* ``ppo`` (the paper's): TRL's ``trl.experimental.ppo.PPOTrainer``. Policy and frozen reference are
+  the SFT model, the reward is the reward model's score of ``prompt + answer + <|im_end|>``, the
+  value model starts from the reward model; the per-token reward is ``-kl_coef * KL`` with the
+  score added on the last token (``kl_coef`` is the paper's β). Rollouts sample freely: TRL's PPO
+  generation takes no logits processor, so the grounding constraint is not applied while training
+  (evaluation applies it). Answers without ``<|im_end|>`` lose ``missing_eos_penalty``.
+* ``grpo`` (beyond the paper): TRL's ``GRPOTrainer`` with three rewards - the reward model, a
+  verifiable one (F1 of the answer against gold, :func:`chatuie.judge.reference_score`) and a
+  validity one (parses, spans in the text, labels in the schema) - and ``beta = kl_coef``.
+  ``constrained_rollouts`` samples with the grounding constraint through GRPO's ``rollout_func``:
+  every rollout is a valid answer, the loss still uses the unconstrained policy's log-probs.
+
+Prompts are the SFT instructions of training records (system + user turns), with their gold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from chatuie.chat import ChatOptions
+from chatuie.judge import JudgeItem, reference_score
+from chatuie.output_format import ground
+from chatuie.records import Record, Schema
+from chatuie.reward import PairTokenizer, instructions, sample_records, score_sequences
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("ppo", "grpo")
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """``rl.ppo``: TRL ``PPOConfig`` fields that matter here (one update = one rollout batch)."""
+
+    total_episodes: int = 64  # prompts rolled out in all (updates = total_episodes / batch)
+    per_device_batch_size: int = 8  # rollouts per update
+    gradient_accumulation: int = 1
+    num_mini_batches: int = 1
+    num_ppo_epochs: int = 2  # optimisation passes over each rollout batch
+    learning_rate: float = 1e-5
+    response_length: int = 96  # max new tokens per rollout
+    temperature: float = 0.7
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of answers that never stop
+    local_rollout_forward_batch_size: int = 8
+    vf_coef: float = 0.1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    kl_estimator: str = "k1"  # "k1" (TRL's default) | "k3"
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """``rl.grpo.reward_weights``: how the GRPO rewards add up (0 drops one)."""
+
+    reward_model: float = 1.0
+    f1: float = 1.0
+    validity: float = 0.5
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """``rl.grpo``: TRL ``GRPOConfig`` fields that matter here."""
+
+    max_steps: int = 16
+    per_device_batch_size: int = 8  # completions per step: prompts x num_generations
+    num_generations: int = 4  # completions per prompt (the group advantages are computed in)
+    max_completion_length: int = 96
+    learning_rate: float = 1e-5
+    temperature: float = 1.0
+    num_iterations: int = 1
+    loss_type: str = "dapo"  # TRL 1.12's default
+    scale_rewards: str = "group"
+    reward_weights: RewardWeights = field(default_factory=RewardWeights)
+    constrained_rollouts: bool = False  # sample with the grounding constraint (GRPO rollout_func)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """One RL run: the algorithm, the KL coefficient (β) and each algorithm's settings."""
+
+    algorithm: str = "ppo"
+    kl_coef: float = 0.05  # β: PPO's kl_coef, GRPO's beta
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    logging_steps: int = 1
+    seed: int = 13
+    device: str = "cpu"  # "cpu" | "auto" (GPU if any)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"rl.algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
+        if self.kl_coef < 0:
+            raise ValueError("rl.kl_coef must be >= 0")
+        if self.device not in ("cpu", "auto"):
+            raise ValueError(f"rl.device: expected 'cpu' or 'auto', got {self.device!r}")
+
+
+class RLResult(NamedTuple):
+    model: Any  # the trained policy (same object as passed in)
+    log: list[dict[str, float]]  # one row per optimizer update: step, reward, kl, ...
+    steps: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def rl_prompts(
+    records: Sequence[Record], chat: ChatOptions, max_prompts_per_dataset: int, seed: int
+) -> list[dict[str, Any]]:
+    """RL prompts: SFT instructions of ``records`` (a seeded sample per dataset), with their gold.
+
+    Each row: ``id, dataset, task, text, schema`` (JSON string: Arrow wants one column type),
+    ``gold`` (the answer string) and ``prompt`` (system + user messages).
+    """
+    by_dataset: dict[str, list[Record]] = {}
+    for record in records:
+        by_dataset.setdefault(record.dataset, []).append(record)
+    rows = []
+    for dataset, group in by_dataset.items():
+        found = [
+            {
+                "id": inst.id,
+                "dataset": dataset,
+                "task": inst.record.task,
+                "text": inst.record.text,
+                "schema": json.dumps(inst.schema.to_dict(), ensure_ascii=False),
+                "gold": inst.gold(),
+                "prompt": inst.messages(),
+            }
+            for inst in instructions(group, chat)
+        ]
+        rows.extend(sample_records(found, max_prompts_per_dataset, seed, dataset))
+    return rows
+
+
+def prompt_lengths(tokenizer, prompts: Sequence[dict[str, Any]]) -> list[int]:
+    encode = PairTokenizer(tokenizer)
+    return [len(encode.prompt_ids(p["prompt"])) for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------- rewards
+
+
+def _completion_text(completion: Any) -> str:
+    """A GRPO completion: a string, or (conversational) ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"] if completion else ""
+
+
+def f1_reward(completions: list, task: list[str], text: list[str], gold: list[str], **_: Any) -> list[float]:
+    """Verifiable reward: F1 (0-1) of each answer's (label, span) items against gold."""
+    out = []
+    for completion, t, x, g in zip(completions, task, text, gold, strict=True):
+        item = JudgeItem(id="", task=t, text=x, candidate=_completion_text(completion), gold=g)
+        out.append(reference_score(item)[0] / 10.0)
+    return out
+
+
+def validity(task: str, answer: str, text: str, schema: Schema) -> float:
+    """0 if ``answer`` is not a JSON object; else 0.5 + 0.5 x the share of its parts that ground
+    (spans found in ``text``, labels in ``schema``, well-formed items)."""
+    try:
+        parsed = json.loads(answer)
+        grounded = ground(task, parsed, text, schema)
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
+    kept = len(grounded["entities"]) + len(grounded["relations"]) + len(grounded["events"])
+    kept += sum(len(e.arguments) for e in grounded["events"])
+    dropped = grounded["dropped"]
+    return 0.5 + 0.5 * (kept / (kept + dropped) if kept + dropped else 1.0)
+
+
+def validity_reward(
+    completions: list, task: list[str], text: list[str], schema: list[str], **_: Any
+) -> list[float]:
+    """Validity reward (0-1): parses, spans in the text, labels in the schema."""
+    return [
+        validity(t, _completion_text(c), x, Schema.from_dict(json.loads(s)))
+        for c, t, x, s in zip(completions, task, text, schema, strict=True)
+    ]
+
+
+class RewardModelReward:
+    """GRPO reward function: the reward model's score of ``prompt + completion (+ <|im_end|>)``.
+
+    Tokenized as in reward-model training and in PPO (prompt ids + the completion's own ids), so
+    the score is read on the end-of-turn token; a completion cut at the length limit is scored as is.
+    """
+
+    __name__ = "reward_model"  # TRL logs rewards under the callable's name
+
+    def __init__(self, model, tokenizer, batch_size: int = 16) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.encode = PairTokenizer(tokenizer)
+        self.batch_size = batch_size
+
+    def __call__(
+        self, prompts: list, completions: list, completion_ids: list[list[int]], **_: Any
+    ) -> list[float]:
+        sequences = [
+            self.encode.prompt_ids(prompt) + list(ids)
+            for prompt, ids in zip(prompts, completion_ids, strict=True)
+        ]
+        return score_sequences(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size)
+
+
+class ConstrainedRollout:
+    """GRPO ``rollout_func``: sample each prompt's completion under the grounding constraint.
+
+    Prompts are recognised by their user turn (it holds the task, schema and text); the completion
+    ids end at the first end-of-turn token (kept) or at ``max_new_tokens``.
+    """
+
+    def __init__(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float) -> None:
+        from chatuie.constrained import IERequest
+
+        self.requests = {
+            p["prompt"][-1]["content"]: IERequest(
+                p["task"], p["text"], Schema.from_dict(json.loads(p["schema"]))
+            )
+            for p in prompts
+        }
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def __call__(self, prompts: list, trainer: Any) -> dict[str, Any]:
+        from transformers import LogitsProcessorList
+
+        from chatuie.constrained import IEConstraintProcessor
+
+        tokenizer = trainer.processing_class
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        encode = PairTokenizer(tokenizer)
+        prompt_ids = [encode.prompt_ids(p) for p in prompts]
+        width = max(len(ids) for ids in prompt_ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
+        device = next(model.parameters()).device
+        requests = [self.requests[p[-1]["content"]] for p in prompts]
+        eos = model.generation_config.eos_token_id
+        stops = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+        processor = IEConstraintProcessor(
+            tokenizer, requests, prompt_length=width, max_new_tokens=self.max_new_tokens, eos_token_ids=stops
+        )
+        with torch.no_grad():
+            sequences = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=True,
+                temperature=self.temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=pad,
+                eos_token_id=stops,
+                logits_processor=LogitsProcessorList([processor]),
+            )
+        completion_ids = []
+        for row in sequences[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            completion_ids.append(row[: cut + 1] if cut is not None else row)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+# -------------------------------------------------------------------------------------------- common
+
+
+def _trainer_args(config: RLConfig, output_dir: str | Path) -> dict[str, Any]:
+    """TrainingArguments shared by both trainers: CPU-safe, no checkpoints, no trackers."""
+    return {
+        "output_dir": str(output_dir),
+        "logging_steps": config.logging_steps,
+        "save_strategy": "no",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        # TRL defaults to bf16 and gradient checkpointing (transformers 5: activation_checkpointing).
+        "use_cpu": config.device == "cpu",
+        "bf16": False,
+        "fp16": False,
+        "activation_checkpointing": False,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def _pick(entry: dict[str, Any], *names: str) -> float | None:
+    for name in names:
+        if name in entry:
+            return float(entry[name])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- PPO
+
+
+def _experimental_ok() -> None:
+    """TRL 1.12 keeps PPO (and rollout_func) under trl.experimental; we pin the version, so say it once."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def ppo_config(config: RLConfig, output_dir: str | Path, **overrides: Any):
+    _experimental_ok()
+    from trl.experimental.ppo import PPOConfig
+
+    s = config.ppo
+    kwargs = {
+        **_trainer_args(config, output_dir),
+        "per_device_train_batch_size": s.per_device_batch_size,
+        "gradient_accumulation_steps": s.gradient_accumulation,
+        "num_mini_batches": s.num_mini_batches,
+        "num_ppo_epochs": s.num_ppo_epochs,
+        "total_episodes": s.total_episodes,
+        "learning_rate": s.learning_rate,
+        "response_length": s.response_length,
+        "temperature": s.temperature,
+        "stop_token": "eos",  # <|im_end|>: responses are cut after it, the score is read on it
+        "missing_eos_penalty": s.missing_eos_penalty,
+        "kl_coef": config.kl_coef,
+        "kl_estimator": s.kl_estimator,
+        "local_rollout_forward_batch_size": s.local_rollout_forward_batch_size,
+        "vf_coef": s.vf_coef,
+        "cliprange": s.cliprange,
+        "cliprange_value": s.cliprange_value,
+        "gamma": s.gamma,
+        "lam": s.lam,
+        "whiten_rewards": s.whiten_rewards,
+        "num_sample_generations": 0,  # debugging generations cost a full extra rollout each on CPU
+        "logging_steps": 1,  # PPOTrainer logs every update anyway
+    }
+    kwargs.update(overrides)
+    return PPOConfig(**kwargs)
+
+
+def train_ppo(
+    policy,
+    ref_policy,
+    reward_model,
+    value_model,
+    tokenizer,
+    prompts: Sequence[dict[str, Any]],
+    config: RLConfig,
+    output_dir: str | Path | None = None,
+    **config_overrides: Any,
+) -> RLResult:
+    """PPO with TRL 1.12's experimental ``PPOTrainer``; returns the trained policy and the log."""
+    _experimental_ok()
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOTrainer
+
+    from chatuie.modeling import is_peft
+
+    if is_peft(policy):
+        raise ValueError("PPO here trains a full model: set sft.merge_lora: true")
+    if ref_policy is policy:
+        raise ValueError("the reference policy must be a separate copy of the SFT model")
+    batch = config.ppo.per_device_batch_size * config.ppo.gradient_accumulation
+    if len(prompts) < batch:
+        raise ValueError(f"PPO needs at least one full batch of prompts ({batch}), got {len(prompts)}")
+    encode = PairTokenizer(tokenizer)
+    dataset = Dataset.from_dict({"input_ids": [encode.prompt_ids(p["prompt"]) for p in prompts]})
+    tokenizer.padding_side = "left"  # queries are left-padded; TRL masks the pad token out
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ppo-") as scratch:
+        args = ppo_config(config, output_dir or scratch, **config_overrides)
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            train_dataset=dataset,
+            value_model=value_model,
+            # Never sampled from (num_sample_generations=0), but PPOTrainer builds a loader on it.
+            eval_dataset=dataset.select(range(min(len(dataset), batch))),
+        )
+        trainer.train()
+    rows = []
+    for entry in trainer.state.log_history:
+        if "objective/scores" not in entry:
+            continue
+        rows.append(
+            {
+                "step": len(rows) + 1,
+                "episode": int(entry.get("episode", 0)),
+                "reward": _pick(entry, "objective/scores"),
+                "kl": _pick(entry, "objective/kl"),
+                "rlhf_reward": _pick(entry, "objective/rlhf_reward"),
+                "entropy": _pick(entry, "policy/entropy_avg"),
+                "policy_loss": _pick(entry, "loss/policy_avg"),
+                "value_loss": _pick(entry, "loss/value_avg"),
+                "eos_tokens": _pick(entry, "val/num_eos_tokens"),
+            }
+        )
+    policy.eval()
+    _restore_generation(policy, tokenizer)
+    return RLResult(policy, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
+
+
+def _restore_generation(model, tokenizer) -> None:
+    """PPOTrainer sets ``generation_config.eos_token_id`` to the stop token alone: stop on all again."""
+    from chatuie.modeling import stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+
+def grpo_config(config: RLConfig, output_dir: str | Path, **overrides: Any):
+    from trl import GRPOConfig
+
+    s = config.grpo
+    weights = s.reward_weights
+    kwargs = {
+        **_trainer_args(config, output_dir),
+        "max_steps": s.max_steps,
+        "per_device_train_batch_size": s.per_device_batch_size,
+        "gradient_accumulation_steps": 1,
+        "num_generations": s.num_generations,
+        "max_completion_length": s.max_completion_length,
+        "learning_rate": s.learning_rate,
+        "temperature": s.temperature,
+        "top_k": 0,
+        "num_iterations": s.num_iterations,
+        "loss_type": s.loss_type,
+        "scale_rewards": s.scale_rewards,
+        "beta": config.kl_coef,
+        "reward_weights": [weights.reward_model, weights.f1, weights.validity],
+        "remove_unused_columns": False,  # task/text/schema/gold reach the reward functions
+        "log_completions": False,
+        "shuffle_dataset": True,
+    }
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)
+
+
+def train_grpo(
+    policy,
+    tokenizer,
+    reward_model,
+    prompts: Sequence[dict[str, Any]],
+    config: RLConfig,
+    output_dir: str | Path | None = None,
+    **config_overrides: Any,
+) -> RLResult:
+    """GRPO with the reward model, F1 against gold and validity as rewards; β = ``config.kl_coef``.
+
+    The reference model (``kl_coef > 0``) is reloaded by TRL from ``policy.config._name_or_path``,
+    i.e. the SFT directory the policy was loaded from.
+    """
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    s = config.grpo
+    if s.per_device_batch_size % s.num_generations:
+        raise ValueError("rl.grpo.per_device_batch_size must be a multiple of rl.grpo.num_generations")
+    if config.kl_coef > 0 and not Path(getattr(policy.config, "_name_or_path", "") or "").is_dir():
+        raise ValueError(
+            "GRPO with kl_coef > 0 reloads the reference from the policy's directory: load it from one"
+        )
+    columns = ("id", "dataset", "task", "text", "schema", "gold", "prompt")
+    dataset = Dataset.from_list([{k: p[k] for k in columns} for p in prompts])
+    rollout = None
+    if s.constrained_rollouts:
+        _experimental_ok()
+        rollout = ConstrainedRollout(prompts, s.max_completion_length, s.temperature)
+    tokenizer.padding_side = "left"
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="grpo-") as scratch:
+        args = grpo_config(config, output_dir or scratch, **config_overrides)
+        trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=[RewardModelReward(reward_model, tokenizer), f1_reward, validity_reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            rollout_func=rollout,
+        )
+        trainer.train()
+    rows = []
+    for entry in trainer.state.log_history:
+        if "reward" not in entry or "step" not in entry:
+            continue
+        rows.append(
+            {
+                "step": int(entry["step"]),
+                "reward": _pick(entry, "reward"),
+                "kl": _pick(entry, "kl"),
+                "reward_model": _pick(entry, "rewards/reward_model/mean"),
+                "f1": _pick(entry, "rewards/f1_reward/mean"),
+                "validity": _pick(entry, "rewards/validity_reward/mean"),
+                "completion_length": _pick(entry, "completions/mean_length"),
+                "loss": _pick(entry, "loss"),
+            }
+        )
+    model = trainer.model
+    model.eval()
+    _restore_generation(model, tokenizer)
+    return RLResult(model, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+
+def summarize(result: RLResult, config: RLConfig) -> dict[str, Any]:
+    """metrics/rl_train.json: algorithm, steps, reward at the start and end, KL, seconds, the log."""
+    rewards = [r["reward"] for r in result.log if r.get("reward") is not None]
+    kls = [r["kl"] for r in result.log if r.get("kl") is not None]
+    window = max(1, min(3, len(rewards) // 2))  # start/end averaged over a few updates: rollouts are noisy
+
+    def mean(values: list[float]) -> float | None:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return round(sum(finite) / len(finite), 4) if finite else None
+
+    return {
+        "algorithm": config.algorithm,
+        "kl_coef": config.kl_coef,
+        "steps": result.steps,
+        "reward_start": mean(rewards[:window]),
+        "reward_end": mean(rewards[-window:]),
+        "reward_first": mean(rewards[:1]),
+        "reward_last": mean(rewards[-1:]),
+        "kl_mean": mean(kls),
+        "kl_last": mean(kls[-1:]),
+        "seconds": result.seconds,
+        "log": result.log,
+    }
+
+
+def compare_runs(
+    base: dict[str, Any], new: dict[str, Any], base_name: str = "sft", new_name: str = "rl"
+) -> dict[str, Any]:
+    """F1 gained per dataset and mode, and the chat-metric change, between two evaluate metrics."""
+
+    def delta(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(b - a, 2)
+
+    ie: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for dataset, modes in new.get("ie", {}).items():
+        for mode, result in modes.items():
+            before = base.get("ie", {}).get(dataset, {}).get(mode, {})
+            row = {
+                base_name: before.get("f1"),
+                new_name: result.get("f1"),
+                "f1_gain": delta(before.get("f1"), result.get("f1")),
+            }
+            row["json_validity_change"] = delta(before.get("json_validity"), result.get("json_validity"))
+            row["invented_span_rate_change"] = delta(
+                before.get("invented_span_rate"), result.get("invented_span_rate")
+            )
+            ie.setdefault(dataset, {})[mode] = row
+            summary[f"f1_gain_{dataset}_{mode}"] = row["f1_gain"]
+    chat: dict[str, Any] = {}
+    for dataset, key in (("webqa", "rouge1_char_f1"), ("webqa", "exact_match"), ("ceval", "accuracy")):
+        a = base.get("chat", {}).get(dataset, {}).get(key)
+        b = new.get("chat", {}).get(dataset, {}).get(key)
+        chat[f"{dataset}_{key}"] = {base_name: a, new_name: b, "change": delta(a, b)}
+        summary[f"{dataset}_{key}_change"] = delta(a, b)
+    summary["mean_ie_f1_gain"] = delta(
+        base.get("summary", {}).get("mean_ie_f1"), new.get("summary", {}).get("mean_ie_f1")
+    )
+    return {"models": [base_name, new_name], "ie": ie, "chat": chat, "summary": summary}

@@ -1,0 +1,124 @@
+"""Stage `rl`: RL from the SFT model under a KL penalty (models/rl/); `rl.algorithm`: ppo | grpo.
+
+``python tasks/rl.py`` trains on instructions of the IE datasets' training records and saves the
+policy with ``save_model`` (so ``tasks/evaluate.py rl`` works unchanged); metrics/rl_train.json
+has the algorithm, steps, reward at the start and end, KL and seconds.
+
+``python tasks/rl.py compare sft rl`` (stage `rl_compare`) reads metrics/sft.json and
+metrics/rl.json (the evaluate stage's) and writes metrics/rl_vs_sft.json: the F1 gained per
+dataset and constraint mode, and the chat-metric change.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _stage import run, section, set_threads
+
+from chatuie.config import ConfigError
+from chatuie.io import read_json, write_json
+from chatuie.modeling import load_saved, save_model
+from chatuie.prepare import load_records
+from chatuie.reward import load_reward_model
+from chatuie.rl import (
+    GRPOSettings,
+    PPOSettings,
+    RLConfig,
+    compare_runs,
+    prompt_lengths,
+    rl_prompts,
+    summarize,
+    train_grpo,
+    train_ppo,
+)
+from chatuie.samples import SamplesConfig
+
+SFT = Path("models/sft")
+RM = Path("models/rm")
+OUT = Path("models/rl")
+
+
+@dataclass(frozen=True)
+class RLStageConfig:
+    """``rl`` section."""
+
+    algorithm: str = "ppo"  # ppo (the paper's) | grpo
+    kl_coef: float = 0.05  # β, the KL coefficient to the SFT model (PPO kl_coef, GRPO beta)
+    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    max_prompts_per_dataset: int = 64  # instructions sampled per dataset (0 = all)
+    max_prompt_length: int = 448  # tokens; longer prompts are left out
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    seed: int = 13
+    threads: int = 0
+    device: str = "cpu"
+
+    def training(self) -> RLConfig:
+        return RLConfig(
+            algorithm=self.algorithm,
+            kl_coef=self.kl_coef,
+            ppo=self.ppo,
+            grpo=self.grpo,
+            seed=self.seed,
+            device=self.device,
+        )
+
+
+def train() -> None:
+    stage = section("rl", RLStageConfig)
+    try:
+        config = stage.training()
+    except ValueError as err:
+        raise ConfigError(f"params.yaml: {err}") from None
+    chat = section("samples", SamplesConfig).chat
+    set_threads(stage.threads)
+    started = time.monotonic()
+    records = [r for d in stage.datasets for r in load_records(Path("data/records") / d / "train.jsonl")]
+    prompts = rl_prompts(records, chat, stage.max_prompts_per_dataset, stage.seed)
+    policy, tokenizer = load_saved(SFT, trainable=True)
+    lengths = prompt_lengths(tokenizer, prompts)
+    fitting = [p for p, n in zip(prompts, lengths, strict=True) if n <= stage.max_prompt_length]
+    if not fitting:
+        raise ConfigError(f"no RL prompt fits rl.max_prompt_length={stage.max_prompt_length}")
+    reward_model, _ = load_reward_model(RM)
+    try:
+        if config.algorithm == "ppo":
+            ref_policy, _ = load_saved(SFT)
+            value_model, _ = load_reward_model(RM)  # the critic starts from the reward model
+            result = train_ppo(policy, ref_policy, reward_model, value_model, tokenizer, fitting, config)
+        else:
+            result = train_grpo(policy, tokenizer, reward_model, fitting, config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    save_model(result.model, tokenizer, OUT)
+    metrics = {
+        **summarize(result, config),
+        "prompts": len(fitting),
+        "prompts_too_long": len(prompts) - len(fitting),
+        "seconds_total": round(time.monotonic() - started, 1),
+    }
+    write_json(Path("metrics/rl_train.json"), metrics)
+    print({k: v for k, v in metrics.items() if k != "log"})
+
+
+def compare(base: str, new: str) -> None:
+    result = compare_runs(
+        read_json(Path("metrics") / f"{base}.json"), read_json(Path("metrics") / f"{new}.json"), base, new
+    )
+    write_json(Path("metrics") / f"{new}_vs_{base}.json", result)
+    print(result["summary"])
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        base, new = (sys.argv[2:4] + ["sft", "rl"][len(sys.argv[2:4]) :])[:2]
+        compare(base, new)
+    else:
+        train()
+
+
+if __name__ == "__main__":
+    run(main)

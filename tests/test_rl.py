@@ -1,0 +1,327 @@
+"""RL: PPO and GRPO on a tiny model (CPU, a few steps each), the rewards, the comparison, and the
+whole smoke pipeline through `rl_compare` (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from chatuie.judge import flatten_answer
+from chatuie.modeling import generate, load_saved, save_model
+from chatuie.records import Schema
+from chatuie.reward import load_reward_base, load_reward_model, save_reward_model
+from chatuie.rl import (
+    GRPOSettings,
+    PPOSettings,
+    RLConfig,
+    RLResult,
+    compare_runs,
+    f1_reward,
+    rl_prompts,
+    summarize,
+    train_grpo,
+    train_ppo,
+    validity,
+    validity_reward,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_reward import CHAT, IE, build_project, fixture_records  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other work shares the 2 cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """models/sft (tiny, untrained) and models/rm (its weights + a fresh score head)."""
+    root = build_project(tmp_path_factory.mktemp("rl-project"), copies=2)
+    rm, tokenizer = load_reward_base(root / "models" / "sft", seed=5)
+    save_reward_model(rm, tokenizer, root / "models" / "rm")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[dict[str, Any]]:
+    converted = fixture_records(copies=2)
+    records = [r for d in IE for r in converted[d]["train"]]
+    rows = rl_prompts(records, CHAT, max_prompts_per_dataset=4, seed=13)
+    assert {r["dataset"] for r in rows} == set(IE)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- rewards
+
+
+def test_rl_prompts_carry_gold_and_schema(prompts: list[dict[str, Any]]) -> None:
+    for row in prompts:
+        assert row["prompt"][-1]["role"] == "user" and row["text"] in row["prompt"][-1]["content"]
+        schema = Schema.from_dict(json.loads(row["schema"]))
+        assert validity(row["task"], row["gold"], row["text"], schema) == 1.0
+    again = rl_prompts([r for d in IE for r in fixture_records(copies=2)[d]["train"]], CHAT, 4, 13)
+    assert [r["id"] for r in again] == [r["id"] for r in prompts]  # seeded
+
+
+def test_f1_and_validity_rewards(prompts: list[dict[str, Any]]) -> None:
+    row = next(r for r in prompts if r["task"] == "re" and flatten_answer("re", r["gold"]))
+    gold = json.loads(row["gold"])
+    invented = json.loads(row["gold"])
+    label = next(iter(invented["entities"]))
+    invented["entities"][label] = [*invented["entities"][label], "NOT IN THE TEXT"]
+    unknown = {**gold, "entities": {**gold["entities"], "Bogus": []}}
+    completions = [
+        [{"role": "assistant", "content": row["gold"]}],
+        [{"role": "assistant", "content": json.dumps(invented)}],
+        [{"role": "assistant", "content": json.dumps(unknown)}],
+        [{"role": "assistant", "content": '{"entities": '}],  # cut off
+    ]
+    n = len(completions)
+    kwargs = {"task": [row["task"]] * n, "text": [row["text"]] * n, "schema": [row["schema"]] * n}
+    f1 = f1_reward(completions, gold=[row["gold"]] * n, **kwargs)
+    assert f1[0] == 1.0 and 0 < f1[1] < 1 and f1[3] == 0.0
+    valid = validity_reward(completions, **kwargs)
+    assert valid[0] == 1.0 and 0.5 < valid[1] < 1.0 and 0.5 < valid[2] < 1.0 and valid[3] == 0.0
+    assert f1_reward(["{}"], task=["ner"], text=["x"], gold=['{"PER":[]}']) == [1.0]  # plain strings too
+
+
+def test_compare_runs_gives_f1_gain_and_chat_change() -> None:
+    def metrics(f1: float, rouge: float, acc: float) -> dict[str, Any]:
+        return {
+            "ie": {"resume": {"constrained": {"f1": f1, "json_validity": 90.0, "invented_span_rate": 0.0}}},
+            "chat": {"webqa": {"rouge1_char_f1": rouge, "exact_match": 1.0}, "ceval": {"accuracy": acc}},
+            "summary": {"mean_ie_f1": f1},
+        }
+
+    out = compare_runs(metrics(40.0, 20.0, 30.0), metrics(45.5, 19.0, 30.0))
+    assert out["ie"]["resume"]["constrained"] == {
+        "sft": 40.0,
+        "rl": 45.5,
+        "f1_gain": 5.5,
+        "json_validity_change": 0.0,
+        "invented_span_rate_change": 0.0,
+    }
+    assert out["summary"]["f1_gain_resume_constrained"] == 5.5 and out["summary"]["mean_ie_f1_gain"] == 5.5
+    assert out["chat"]["webqa_rouge1_char_f1"]["change"] == -1.0
+    assert out["summary"]["ceval_accuracy_change"] == 0.0
+
+
+def test_compare_subcommand_writes_rl_vs_sft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHATUIE_TRACKING", "off")
+    (tmp_path / "metrics").mkdir()
+    for name, f1 in (("sft", 10.0), ("rl", 12.0)):
+        body = {"ie": {"conll04": {"free": {"f1": f1}}}, "chat": {}, "summary": {"mean_ie_f1": f1}}
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(body))
+    stage = importlib.import_module("rl")  # tasks/rl.py (conftest puts tasks/ on the path)
+    monkeypatch.setattr(sys, "argv", ["tasks/rl.py", "compare", "sft", "rl"])
+    stage.main()
+    out = json.loads((tmp_path / "metrics" / "rl_vs_sft.json").read_text())
+    assert out["summary"]["f1_gain_conll04_free"] == 2.0
+
+
+# ----------------------------------------------------------------------------------------------- PPO
+
+
+def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
+    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    sft = project / "models" / "sft"
+    policy, tokenizer = load_saved(sft, trainable=True)
+    ref, _ = load_saved(sft)
+    reward_model, _ = load_reward_model(project / "models" / "rm")
+    value_model, _ = load_reward_model(project / "models" / "rm")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    config = RLConfig(
+        algorithm="ppo",
+        kl_coef=0.1,
+        ppo=PPOSettings(
+            total_episodes=4,
+            per_device_batch_size=2,
+            local_rollout_forward_batch_size=2,
+            num_ppo_epochs=1,
+            response_length=12,
+            learning_rate=1e-3,
+        ),
+    )
+    started = time.monotonic()
+    result = train_ppo(policy, ref, reward_model, value_model, tokenizer, prompts, config)
+    assert time.monotonic() - started < 60
+    assert result.steps == 2 and len(result.log) == 2
+    assert all(math.isfinite(row["reward"]) and math.isfinite(row["kl"]) for row in result.log)
+    assert any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())  # it learned
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # the reference did not
+    summary = summarize(result, config)
+    assert summary["algorithm"] == "ppo" and summary["steps"] == 2
+    assert summary["reward_start"] is not None and summary["reward_end"] is not None
+
+    out = save_model(result.model, tokenizer, tmp_path / "rl")
+    model, tok = load_saved(out)
+    assert model.generation_config.eos_token_id[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    answers = generate(model, tok, [prompts[0]["prompt"]], max_new_tokens=8)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_ppo_rejects_a_shared_reference(project: Path, prompts: list[dict[str, Any]]) -> None:
+    policy, tokenizer = load_saved(project / "models" / "sft", trainable=True)
+    with pytest.raises(ValueError, match="separate copy"):
+        train_ppo(policy, policy, None, None, tokenizer, prompts, RLConfig())
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+
+def grpo_run(project: Path, prompts: list[dict[str, Any]], **grpo: Any) -> tuple[RLResult, Any]:
+    policy, tokenizer = load_saved(project / "models" / "sft", trainable=True)
+    reward_model, _ = load_reward_model(project / "models" / "rm")
+    settings = {
+        "max_steps": 2,
+        "per_device_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 12,
+        "learning_rate": 1e-3,
+        **grpo,
+    }
+    config = RLConfig(algorithm="grpo", kl_coef=0.05, grpo=GRPOSettings(**settings))
+    started = time.monotonic()
+    result = train_grpo(policy, tokenizer, reward_model, prompts, config)
+    assert time.monotonic() - started < 60
+    return result, tokenizer
+
+
+def test_grpo_few_steps_with_three_rewards(
+    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    result, tokenizer = grpo_run(project, prompts)
+    assert result.steps == 2 and len(result.log) == 2
+    for row in result.log:
+        assert math.isfinite(row["reward"]) and row["kl"] is not None
+        assert row["reward_model"] is not None and 0 <= row["f1"] <= 1 and 0 <= row["validity"] <= 1
+    out = save_model(result.model, tokenizer, tmp_path / "rl")
+    model, tok = load_saved(out)
+    assert generate(model, tok, [prompts[0]["prompt"]], max_new_tokens=4)
+
+
+def test_grpo_constrained_rollouts_are_always_valid(project: Path, prompts: list[dict[str, Any]]) -> None:
+    result, _ = grpo_run(project, prompts, max_steps=1, constrained_rollouts=True)
+    assert result.steps == 1
+    assert result.log[0]["validity"] == 1.0  # every rollout parses and is grounded
+
+
+def test_grpo_batch_must_hold_whole_groups(project: Path, prompts: list[dict[str, Any]]) -> None:
+    with pytest.raises(ValueError, match="multiple of"):
+        grpo_run(project, prompts, per_device_batch_size=3)
+
+
+# ------------------------------------------------------------------------------------ the whole pipeline
+
+
+# The tasks/sft.py change proposed with these stages (applied to the temp copy until it is pasted).
+_MODELING_IMPORT = (
+    "from chatuie.modeling import ModelConfig, TeachSettings, load_model, merge_lora, save_model, train_sft\n"
+)
+SFT_PATCH = [
+    (_MODELING_IMPORT, _MODELING_IMPORT + "from chatuie.reward import HeldoutSplit, is_heldout\n"),
+    (
+        "    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples\n",
+        "    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples\n"
+        "    # Train records SFT leaves out (by a hash of the record id): reward_data scores the SFT\n"
+        "    # model's answers on them, records it never saw.\n"
+        "    heldout: HeldoutSplit = field(default_factory=HeldoutSplit)\n",
+    ),
+    (
+        '        rows = [s for s in samples if s["dataset"] == dataset]\n',
+        "        rows = [\n"
+        '            s for s in samples if s["dataset"] == dataset and not is_heldout(s["record_id"], '
+        "config.heldout)\n"
+        "        ]\n",
+    ),
+]
+
+
+def patch_sft(repo: Path) -> None:
+    path = repo / "tasks" / "sft.py"
+    text = path.read_text(encoding="utf-8")
+    if "heldout" in text:
+        return  # already pasted
+    for old, new in SFT_PATCH:
+        assert text.count(old) == 1, f"tasks/sft.py changed: cannot apply {old!r}"
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+
+
+def merge_stanzas(repo: Path) -> None:
+    """Add the reward_data/rm/rl/rl_compare stanzas (tasks/rl_stages.yaml) where still missing."""
+    source = ROOT / "tasks" / "rl_stages.yaml"
+    if not source.exists():  # pasted into dvc.yaml / params and removed: nothing to merge
+        return
+    spec = yaml.safe_load(source.read_text(encoding="utf-8"))
+    dvc_path = repo / "dvc.yaml"
+    dvc = yaml.safe_load(dvc_path.read_text(encoding="utf-8"))
+    for name, stage in spec["dvc"]["stages"].items():
+        dvc["stages"].setdefault(name, stage)
+    foreach = dvc["stages"]["evaluate"]["foreach"]
+    foreach.extend(item for item in spec["dvc"]["evaluate_foreach_add"] if item not in foreach)
+    for plot in dvc.get("plots", []):
+        for props in plot.values():
+            if isinstance(props, dict) and isinstance(props.get("y"), dict):
+                props["y"].update(spec["dvc"]["f1_plot_y_add"])
+    dvc_path.write_text(yaml.safe_dump(dvc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    params_path = repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    for key, value in spec["params_smoke"].items():
+        if key == "sft":
+            params["sft"].setdefault("heldout", value["heldout"])
+        else:
+            params.setdefault(key, value)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_through_rl_compare(tmp_path_factory) -> None:
+    from pipeline_repo import make_repo, run, tool_env
+
+    repo = make_repo(tmp_path_factory.mktemp("rl-smoke"), profile="smoke")
+    merge_stanzas(repo)
+    patch_sft(repo)
+    env = {**tool_env(), "CHATUIE_JUDGE_API_KEY": "sk-rl-smoke-not-a-real-key"}
+    started = time.monotonic()
+    run(["dvc", "repro", "rl_compare"], repo, env=env, timeout=1500)
+    seconds = time.monotonic() - started
+    metrics = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")}
+    assert metrics["reward_data"]["pairs"]["train"] > 0 and metrics["reward_data"]["judged"]["prompts"] > 0
+    assert metrics["rm"]["accuracy"] is not None
+    assert metrics["rl_train"]["algorithm"] == "ppo" and metrics["rl_train"]["steps"] > 0
+    assert set(metrics["rl"]["ie"]) == set(IE)
+    compare = metrics["rl_vs_sft"]
+    assert set(compare["ie"]) == set(IE) and "mean_ie_f1_gain" in compare["summary"]
+    for stage in ("reward_data", "rm", "rl_train"):
+        print(f"{stage}: {metrics[stage].get('seconds_total', metrics[stage]['seconds'])} s in-stage")
+    print(f"dvc repro rl_compare (whole smoke pipeline): {seconds:.0f} s")
+    # A second repro: nothing to do, and the judge cache survived (persist: true).
+    cache = (repo / "data" / "judge_cache.jsonl").read_text()
+    again = run(["dvc", "repro", "rl_compare"], repo, env=env)
+    assert "Data and pipelines are up to date" in again.stdout
+    assert (repo / "data" / "judge_cache.jsonl").read_text() == cache
+    # Forcing reward_data reruns it against the kept cache: no new judge call.
+    run(["dvc", "repro", "--force", "--single-item", "reward_data"], repo, env=env)
+    judge = json.loads((repo / "metrics" / "reward_data.json").read_text())["judged"]["judge"]
+    assert judge["calls_made"] == 0 and judge["cache_hits"] == judge["items"]
