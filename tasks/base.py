@@ -16,7 +16,16 @@ from pathlib import Path
 from _stage import run, section, set_threads
 
 from chatuie.io import read_jsonl, write_json
-from chatuie.modeling import ModelConfig, TeachSettings, chat_texts, load_model, save_model, teach_to_answer
+from chatuie.modeling import (
+    ModelConfig,
+    TeachSettings,
+    chat_texts,
+    claim_checkpoints,
+    file_digest,
+    load_model,
+    save_model,
+    teach_to_answer,
+)
 
 OUT = Path("models/base")
 
@@ -40,7 +49,10 @@ def main() -> None:
     if model_config.base == "tiny":
         model, tokenizer = load_model(model_config, texts=chat_texts(samples))
         qa = [s for s in samples if s["dataset"] in config.qa_datasets]
-        result = teach_to_answer(model, tokenizer, qa, config.teach, Path("models/checkpoints/base"))
+        checkpoints = Path("models/checkpoints/base")
+        identity = {"model": model_config, "base": config, "samples": file_digest("data/samples/train.jsonl")}
+        resume = claim_checkpoints(checkpoints, identity)
+        result = teach_to_answer(model, tokenizer, qa, config.teach, checkpoints, resume=resume)
         model = result.model
         metrics.update(
             qa_samples=len(qa),

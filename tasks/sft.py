@@ -15,7 +15,16 @@ from _stage import run, section, set_threads
 from base import write_loss_curve
 
 from chatuie.io import read_jsonl, write_json
-from chatuie.modeling import ModelConfig, TeachSettings, load_model, merge_lora, save_model, train_sft
+from chatuie.modeling import (
+    ModelConfig,
+    TeachSettings,
+    claim_checkpoints,
+    file_digest,
+    load_model,
+    merge_lora,
+    save_model,
+    train_sft,
+)
 from chatuie.reward import HeldoutSplit, is_heldout
 
 
@@ -61,7 +70,15 @@ def main() -> None:
     samples = select_samples(list(read_jsonl(Path("data/samples/train.jsonl"))), config)
     # LoRA (if configured) wraps the saved base; the tiny default trains all weights.
     model, tokenizer = load_model(model_config, "models/base")
-    result = train_sft(model, tokenizer, samples, config.train, Path("models/checkpoints/sft"))
+    checkpoints = Path("models/checkpoints/sft")
+    identity = {
+        "model": model_config,
+        "sft": config,
+        "samples": [s["id"] for s in samples],
+        "base": file_digest("models/base"),
+    }
+    resume = claim_checkpoints(checkpoints, identity)
+    result = train_sft(model, tokenizer, samples, config.train, checkpoints, resume=resume)
     model = result.model
     if config.merge_lora:
         model = merge_lora(model)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from chatuie.output_format import render
@@ -41,6 +42,9 @@ class ChatOptions:
     # learns the format from the answers, and every prompt token costs CPU time.
     system_prompt: bool = True
     format_hint: bool = True
+    # List each event type's roles in the prompt. The constraint enforces roles either way; FewFC's
+    # full role list is ~300 tokens a prompt, most of a tiny model's training compute.
+    event_roles_in_prompt: bool = True
     seed: int = 13
 
 
@@ -90,7 +94,34 @@ def instruction_schemas(record: Record, options: ChatOptions, *, train: bool) ->
     return [_subschema(record.schema, record.task, labels[i : i + size]) for i in range(0, len(labels), size)]
 
 
-def ie_user_prompt(task: str, text: str, schema: Schema, format_hint: bool = True) -> str:
+DEFAULT_OPTIONS = ChatOptions()
+PROMPT_FILE = "chatuie_prompt.json"
+
+
+def prompt_options_for(model_dir: str | Path | None, params_path: str | Path = "params.yaml") -> ChatOptions:
+    """How a saved model was taught to be asked: ``<model_dir>/chatuie_prompt.json`` if present,
+    else the project's ``params.yaml`` (``samples.chat``) when run inside the project, else defaults.
+
+    Asking a model in another style than it was trained on (say, with a system turn it never saw)
+    costs a tiny model most of its accuracy.
+    """
+    from dataclasses import fields
+
+    candidates: list[dict[str, Any]] = []
+    if model_dir is not None and (Path(model_dir) / PROMPT_FILE).is_file():
+        candidates.append(json.loads((Path(model_dir) / PROMPT_FILE).read_text(encoding="utf-8")))
+    elif Path(params_path).is_file():
+        import yaml
+
+        params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
+        candidates.append(((params.get("samples") or {}).get("chat")) or {})
+    known = {f.name for f in fields(ChatOptions)}
+    for data in candidates:
+        return ChatOptions(**{k: v for k, v in data.items() if k in known})
+    return DEFAULT_OPTIONS
+
+
+def ie_user_prompt(task: str, text: str, schema: Schema, options: ChatOptions = DEFAULT_OPTIONS) -> str:
     lines = [f"Task: {_TASK_NAME[task]}."]
     if task == "ner":
         lines.append(f"Entity types: {json.dumps(schema.entities, ensure_ascii=False)}")
@@ -98,8 +129,11 @@ def ie_user_prompt(task: str, text: str, schema: Schema, format_hint: bool = Tru
         lines.append(f"Entity types: {json.dumps(schema.entities, ensure_ascii=False)}")
         lines.append(f"Relation types: {json.dumps(schema.relations, ensure_ascii=False)}")
     else:
-        lines.append(f"Event types and roles: {json.dumps(schema.events, ensure_ascii=False)}")
-    if format_hint:
+        if options.event_roles_in_prompt:
+            lines.append(f"Event types and roles: {json.dumps(schema.events, ensure_ascii=False)}")
+        else:
+            lines.append(f"Event types: {json.dumps(list(schema.events), ensure_ascii=False)}")
+    if options.format_hint:
         lines.append(f"Answer in JSON: {_FORMAT_HINT[task]}")
     lines.append(f"Text: {text}")
     return "\n".join(lines)
@@ -153,7 +187,7 @@ def build_samples(record: Record, options: ChatOptions, *, train: bool) -> list[
                 "id": f"{record.id}#{index}",
                 "schema": schema.to_dict(),
                 "messages": messages_for(
-                    ie_user_prompt(record.task, record.text, schema, options.format_hint),
+                    ie_user_prompt(record.task, record.text, schema, options),
                     render(record, schema),
                     options.system_prompt,
                 ),

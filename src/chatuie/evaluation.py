@@ -123,7 +123,7 @@ def evaluate_ie(
     jobs: list[tuple[Record, Schema]] = [
         (r, schema) for r in records for schema in instruction_schemas(r, chat, train=False)
     ]
-    prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s, chat.format_hint), chat) for r, s in jobs]
+    prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s, chat), chat) for r, s in jobs]
     if constrained:
         from chatuie.constrained import IERequest, constrained_generate
 

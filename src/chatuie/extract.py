@@ -25,6 +25,7 @@ Results are plain JSON-ready dicts with character offsets (``text[start:end] == 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatuie.chat import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
+from chatuie.chat import (
+    DEFAULT_OPTIONS,
+    ChatOptions,
+    ie_user_prompt,
+    instruction_schemas,
+    messages_for,
+    prompt_options_for,
+)
 from chatuie.output_format import ground
 from chatuie.records import Record, Schema
 
@@ -411,6 +419,8 @@ class ExtractSettings:
     max_labels_per_instruction: int = 4  # as samples.chat.max_labels_per_instruction in training
     context_tokens: int | None = None  # None: the model's max_position_embeddings
     overlap_tokens: int = 32  # tokens shared by consecutive windows
+    # How the model was taught to be asked (None: from the model directory / params.yaml).
+    chat: ChatOptions | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size"):
@@ -447,7 +457,15 @@ class Extractor:
     @classmethod
     def load(cls, model_ref: str = DEFAULT_MODEL, settings: ExtractSettings | None = None) -> Extractor:
         model, tokenizer, name = load_model_ref(model_ref)
+        settings = settings or ExtractSettings()
+        if settings.chat is None:
+            source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+            settings = dataclasses.replace(settings, chat=prompt_options_for(source))
         return cls(model, tokenizer, settings, name=name)
+
+    @property
+    def chat(self) -> ChatOptions:
+        return self.settings.chat or DEFAULT_OPTIONS
 
     # -- prompts and windows ------------------------------------------------------------------
 
@@ -461,7 +479,9 @@ class Extractor:
 
     def prompt(self, task: str, text: str, schema: Schema) -> str:
         return self.tokenizer.apply_chat_template(
-            messages_for(ie_user_prompt(task, text, schema), None), tokenize=False, add_generation_prompt=True
+            messages_for(ie_user_prompt(task, text, schema, self.chat), None, self.chat.system_prompt),
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
     def _count(self, prompt: str) -> int:

@@ -14,6 +14,7 @@ Training goes through TRL's ``SFTTrainer`` with CPU-safe arguments; see :func:`t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -443,6 +444,35 @@ class TrainResult(NamedTuple):
     global_step: int
     resumed_from: str | None  # checkpoint directory the run continued from
     too_long: int  # training samples left out: longer than settings.max_length tokens
+
+
+def claim_checkpoints(output_dir: str | Path, identity: Any) -> bool:
+    """Whether checkpoints in ``output_dir`` belong to the run described by ``identity``.
+
+    Checkpoint folders outlive runs (a DVC ``persist`` out) so that a killed run resumes; a run with
+    other params, data or starting weights must not continue from them. The folder is stamped with
+    this run's fingerprint; pass the result as ``resume=`` to :func:`train_chat` (False wipes them).
+    """
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()
+    out = Path(output_dir)
+    marker = out / "run_fingerprint.txt"
+    same = marker.is_file() and marker.read_text(encoding="utf-8").strip() == fingerprint
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint + "\n", encoding="utf-8")
+    return same
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file or of every file under a folder (sorted), for run fingerprints."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        digest.update(file.relative_to(root).as_posix().encode() if root.is_dir() else b"")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:

@@ -139,7 +139,7 @@ class Instruction(NamedTuple):
 
     def messages(self) -> list[dict[str, str]]:
         """The prompt turns (system if configured, user): the SFT sample of this instruction's."""
-        user = ie_user_prompt(self.record.task, self.record.text, self.schema, self.chat.format_hint)
+        user = ie_user_prompt(self.record.task, self.record.text, self.schema, self.chat)
         return messages_for(user, None, self.chat.system_prompt)
 
     def gold(self) -> str:

@@ -45,7 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
+from chatuie.chat import DEFAULT_OPTIONS, SYSTEM_PROMPT, ChatOptions, ie_user_prompt
 from chatuie.extract import ExtractError, ExtractionSchema, Extractor, SchemaError
 from chatuie.records import Schema
 
@@ -240,7 +240,7 @@ class ModelWorker:
 # chat completions
 
 
-def parse_ie_prompt(content: str) -> tuple[str, str, Schema] | None:
+def parse_ie_prompt(content: str, chat: ChatOptions = DEFAULT_OPTIONS) -> tuple[str, str, Schema] | None:
     """``(task, text, schema)`` if ``content`` is exactly an IE instruction of this project."""
     lines = content.split("\n")
     if not lines or not lines[0].startswith("Task: ") or not lines[0].endswith("."):
@@ -259,11 +259,12 @@ def parse_ie_prompt(content: str) -> tuple[str, str, Schema] | None:
             headers[name] = value
     try:
         if task == "ee":
+            # Without the role lists in the prompt the roles are unknown: answer freely.
             schema = Schema(events=json.loads(headers["Event types and roles"]))
         else:
             relations = json.loads(headers["Relation types"]) if task == "re" else []
             schema = Schema(entities=json.loads(headers["Entity types"]), relations=relations)
-        if ie_user_prompt(task, text, schema) != content:  # re-render: exactly our format or nothing
+        if ie_user_prompt(task, text, schema, chat) != content:  # re-render: exactly our format or nothing
             return None
     except (KeyError, ValueError, TypeError, AttributeError):
         return None
@@ -308,7 +309,7 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return value
 
 
-def _parse_chat(body: Any, settings: ServerSettings) -> dict[str, Any]:
+def _parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "request body: expected a JSON object")
     if body.get("stream"):
@@ -322,7 +323,7 @@ def _parse_chat(body: Any, settings: ServerSettings) -> dict[str, Any]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages: expected a non-empty list")
     messages = [_message_text(m, i) for i, m in enumerate(raw)]
-    if messages[0]["role"] != "system":  # the model was taught under its own system prompt
+    if messages[0]["role"] != "system" and chat.system_prompt:  # taught under its own system prompt
         messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
     if messages[-1]["role"] == "assistant":
         raise ApiError(400, "messages: the last message must not be the assistant's")
@@ -357,7 +358,7 @@ def _generate_chat(extractor: Extractor, request: dict[str, Any]) -> dict[str, A
         )
     max_tokens = min(request["max_tokens"], room)
     ie = (
-        parse_ie_prompt(request["messages"][-1]["content"])
+        parse_ie_prompt(request["messages"][-1]["content"], extractor.chat)
         if request["messages"][-1]["role"] == "user"
         else None
     )
@@ -530,7 +531,7 @@ def create_app(extractor: Extractor, settings: ServerSettings | None = None) -> 
     async def chat_completions(request: Request) -> dict[str, Any]:
         check_key(request)
         app.state.counts["chat_completions"] += 1
-        parsed = _parse_chat(await _read_json(request, settings.max_request_bytes), settings)
+        parsed = _parse_chat(await _read_json(request, settings.max_request_bytes), settings, extractor.chat)
         result = await _await(worker.submit(lambda: _generate_chat(extractor, parsed)))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
