@@ -47,9 +47,7 @@ def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
 def _sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
@@ -118,9 +116,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module", params=["byte_level", "sentencepiece_like"])
 def tokenizer_and_model(request: pytest.FixtureRequest):
-    build = (
-        _byte_level_tokenizer if request.param == "byte_level" else _sentencepiece_like_tokenizer
-    )
+    build = _byte_level_tokenizer if request.param == "byte_level" else _sentencepiece_like_tokenizer
     tokenizer = build()
     return tokenizer, _tiny_llama(tokenizer)
 
@@ -271,10 +267,7 @@ def test_completion_of_truncated_answers(task: str, partial: str, expected: str)
 
 def test_completion_of_a_character_cut_in_half() -> None:
     request = IERequest("ner", TEXT, NER)
-    assert (
-        complete_answer(request, '{"PER":["张三"],"LOC":["北'.encode()[:-1])
-        == '{"PER":["张三"],"LOC":[]}'
-    )
+    assert complete_answer(request, '{"PER":["张三"],"LOC":["北'.encode()[:-1]) == '{"PER":["张三"],"LOC":[]}'
 
 
 @given(st.sampled_from(["ner", "re", "ee"]), st.binary(max_size=80), st.integers(0, 80))
@@ -319,9 +312,7 @@ def test_token_bytes_match_the_tokenizer(tokenizer_and_model) -> None:
 
 def _brute_force_allowed(grammar: IEGrammar, state, table: TokenTable) -> set[int]:
     return {
-        t
-        for t, data in enumerate(table.token_bytes)
-        if data and grammar.advance(state, data) is not None
+        t for t, data in enumerate(table.token_bytes) if data and grammar.advance(state, data) is not None
     }
 
 
@@ -395,9 +386,7 @@ def test_straddling_and_byte_tokens_on_a_handmade_vocabulary() -> None:
 # The processor
 
 
-def _step_scores(
-    processor: IEConstraintProcessor, ids: list[list[int]], vocab: int
-) -> torch.Tensor:
+def _step_scores(processor: IEConstraintProcessor, ids: list[list[int]], vocab: int) -> torch.Tensor:
     return processor(torch.tensor(ids), torch.zeros(len(ids), vocab))
 
 
@@ -516,9 +505,7 @@ def test_budget_aware_generation_completes_by_itself(tokenizer_and_model) -> Non
     prompts = [f"{r.task}: {text}" for r in requests]
     table = token_table(tokenizer)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    processor = IEConstraintProcessor(
-        tokenizer, requests, max_new_tokens=40, eos_token_ids=table.eos_ids
-    )
+    processor = IEConstraintProcessor(tokenizer, requests, max_new_tokens=40, eos_token_ids=table.eos_ids)
     torch.manual_seed(3)
     out = model.generate(
         **encoded,
@@ -549,9 +536,7 @@ def schemas(draw: st.DrawFn) -> tuple[Schema, Schema, Schema]:
     entities = draw(st.lists(st.sampled_from(ENTITY_LABELS), max_size=4, unique=True))
     relations = draw(st.lists(st.sampled_from(RELATION_LABELS), max_size=3, unique=True))
     events = draw(st.lists(st.sampled_from(sorted(EVENT_ROLES)), max_size=3, unique=True))
-    roles = {
-        e: draw(st.lists(st.sampled_from(EVENT_ROLES[e]), max_size=3, unique=True)) for e in events
-    }
+    roles = {e: draw(st.lists(st.sampled_from(EVENT_ROLES[e]), max_size=3, unique=True)) for e in events}
     return (
         Schema(entities=entities),
         Schema(entities=entities, relations=relations),
@@ -622,13 +607,8 @@ def test_random_model_always_produces_valid_grounded_answers(
 ) -> None:
     tokenizer, _ = tokenizer_and_model
     model = _tiny_llama(tokenizer, seed=seed % 1000, init_scale=init_scale)
-    requests = [
-        IERequest(task, text, s) for task, s in zip(("ner", "re", "ee"), schema_triple, strict=True)
-    ]
-    prompts = [
-        f"{r.task} | {text} | {json.dumps(r.schema.to_dict(), ensure_ascii=False)}"
-        for r in requests
-    ]
+    requests = [IERequest(task, text, s) for task, s in zip(("ner", "re", "ee"), schema_triple, strict=True)]
+    prompts = [f"{r.task} | {text} | {json.dumps(r.schema.to_dict(), ensure_ascii=False)}" for r in requests]
     torch.manual_seed(seed)
     answers = constrained_generate(
         model,
@@ -654,12 +634,8 @@ def test_greedy_generation_in_batches(tokenizer_and_model) -> None:
         for task in ("ner", "re", "ee")
     ]
     prompts = [f"{r.task}: {r.text}" for r in requests]
-    answers = constrained_generate(
-        model, tokenizer, prompts, requests, max_new_tokens=24, batch_size=5
-    )
-    again = constrained_generate(
-        model, tokenizer, prompts, requests, max_new_tokens=24, batch_size=12
-    )
+    answers = constrained_generate(model, tokenizer, prompts, requests, max_new_tokens=24, batch_size=5)
+    again = constrained_generate(model, tokenizer, prompts, requests, max_new_tokens=24, batch_size=12)
     assert answers == again  # greedy: batching and padding do not change the answers
     for request, answer in zip(requests, answers, strict=True):
         _check_answer(request.task, answer, request.text, request.schema)
