@@ -1,0 +1,275 @@
+"""Prefect flow: the DVC pipeline, one Prefect task run per DVC stage.
+
+DVC stays the one source of truth: the stage graph is DVC's own (``Repo.index.graph``: dvc.yaml
+with foreach/matrix/vars resolved) and each stage runs through ``dvc repro --single-item <stage>``,
+so an up-to-date stage is skipped and dvc.lock is written as by ``dvc repro``. Stages run one at a
+time in DVC's order (DVC holds one lock per repository); each task waits on its upstream tasks, so
+Prefect's UI draws the same graph.
+
+* A stage's output streams into its task run's logs.
+* Stages in ``flow.flaky_stages`` (params.yaml; e.g. the judge-calling ``reward_data``) are retried
+  ``flow.retries`` times.
+* ``overrides`` set params like ``dvc exp run -S``: dotted keys written into params.yaml before the
+  run (comments kept) and left there, so the workspace, dvc.lock and MLflow agree afterwards.
+* ``CHATUIE_EXECUTION_ID=prefect-<flow run id>`` groups the stage runs under one MLflow parent run.
+* A markdown artifact (key ``chatuie-pipeline``) lists the stages, their metrics and MLflow runs.
+
+Run once: ``python flows/pipeline.py [--set key=value ...] [--target stage ...] [--force]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from chatuie import tracking
+from chatuie.config import build, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACT_KEY = "chatuie-pipeline"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """``flow`` section of params.yaml (read by the flows; no stage depends on it)."""
+
+    flaky_stages: list[str] = field(default_factory=lambda: ["reward_data"])
+    retries: int = 2
+    retry_delay_seconds: float = 30.0
+    deployment: str = "nightly"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+def flow_config(root: str | Path = ROOT) -> FlowConfig:
+    params = load_params(Path(root) / "params.yaml")
+    return build(FlowConfig, params.get("flow"), "params.yaml: flow")
+
+
+@dataclass(frozen=True)
+class StageNode:
+    name: str  # DVC's address: "sft", "evaluate@sft"
+    upstream: tuple[str, ...]  # stages (of this run) it depends on
+    metrics: tuple[str, ...]  # its metrics files
+
+
+def _address(stage: Any, root: Path) -> str:
+    """What `dvc repro` run in ``root`` calls the stage (DVC's ``addressing`` is relative to cwd)."""
+    dvc_file = Path(stage.path).resolve()
+    if dvc_file.parent == root.resolve() and dvc_file.name == "dvc.yaml":
+        return stage.name
+    return f"{dvc_file.relative_to(root.resolve())}:{stage.name}"
+
+
+def stage_graph(root: str | Path = ROOT, targets: list[str] | None = None) -> list[StageNode]:
+    """The stages with a command, in an order DVC would run them (dvc.yaml order among equals).
+
+    ``targets``: only these stages (a foreach group by its name: ``evaluate``) and their upstream.
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+
+    root = Path(root)
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges: stage -> a stage it depends on
+        position = {stage: i for i, stage in enumerate(repo.index.stages)}
+        selected = {s for s in graph.nodes if getattr(s, "cmd", None)}
+        name = {s: _address(s, root) for s in selected}
+        if targets:
+            wanted = {
+                s for s in selected if any(name[s] == t or name[s].startswith(f"{t}@") for t in targets)
+            }
+            missing = [
+                t for t in targets if not any(name[s] == t or name[s].startswith(f"{t}@") for s in wanted)
+            ]
+            if missing:
+                raise ValueError(f"no stage {', '.join(missing)} in {Path(root) / 'dvc.yaml'}")
+            selected &= wanted.union(*(nx.descendants(graph, s) for s in wanted))
+        order = nx.lexicographical_topological_sort(graph.reverse(), key=lambda s: position.get(s, -1))
+        return [
+            StageNode(
+                name[stage],
+                tuple(name[up] for up in graph.successors(stage) if up in selected),
+                tuple(out.def_path for out in stage.outs if out.metric),
+            )
+            for stage in order
+            if stage in selected
+        ]
+
+
+def apply_overrides(params_path: Path, overrides: Mapping[str, Any]) -> None:
+    """``{"sft.train.max_steps": 1}`` into params.yaml, as ``dvc exp run -S`` (comments kept)."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(params_path) as data:
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+                if not isinstance(node, MutableMapping):
+                    raise ValueError(f"override {dotted}: {key} is not a mapping in {params_path}")
+            node[leaf] = value
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@task(name="dvc-stage", task_run_name="{stage}")
+def run_stage(stage: str, root: str, env: dict[str, str], force: bool = False) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``, its output into this task's logs; ran or skipped."""
+    logger = get_run_logger()
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    started = time.monotonic()
+    ran = False
+    with subprocess.Popen(
+        command,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                logger.info(line)
+            ran = ran or line.startswith(f"Running stage '{stage}'")
+    seconds = round(time.monotonic() - started, 1)
+    if proc.returncode != 0:
+        raise StageFailed(f"stage {stage}: dvc repro exited {proc.returncode} after {seconds}s")
+    return {"stage": stage, "status": "ran" if ran else "skipped", "seconds": seconds}
+
+
+def _stage_env(execution: str, name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[tracking.ENV_EXECUTION_ID] = execution
+    env[tracking.ENV_EXECUTION_NAME] = name
+    # `python` in stage commands must be this environment's; progress bars would flood the logs.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    return env
+
+
+def _is_flaky(stage: str, config: FlowConfig) -> bool:
+    return stage in config.flaky_stages or stage.split("@")[0] in config.flaky_stages
+
+
+def _headline(flat: dict[str, float]) -> dict[str, float]:
+    """The metrics worth a table row: a summary block if there is one, else shallow keys."""
+    summary = {k: v for k, v in flat.items() if k.startswith("summary.")}
+    return summary or dict(list({k: v for k, v in flat.items() if k.count(".") <= 1}.items())[:12])
+
+
+def report_markdown(root: Path, nodes: list[StageNode], results: dict[str, dict], execution: str) -> str:
+    links: dict[str, tracking.RunLink] = {}
+    if tracking.tracking_enabled():
+        links = {link.stage: link for link in tracking.execution_runs(execution, root)}
+    lines = ["# chatuie pipeline", "", f"Execution `{execution}`"]
+    if "" in links:
+        lines[-1] += f" — [MLflow parent run]({links[''].url})"
+    lines += ["", "| stage | status | seconds | MLflow run |", "|---|---|---|---|"]
+    for node in nodes:
+        result = results.get(node.name, {"status": "not run", "seconds": ""})
+        link = links.get(node.name)
+        cell = f"[{link.run_id[:8]}]({link.url}) ({link.status.lower()})" if link else "—"
+        lines.append(f"| {node.name} | {result['status']} | {result['seconds']} | {cell} |")
+    lines += ["", "## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
+    for node in nodes:
+        for path in node.metrics:
+            file = root / path
+            if not file.is_file():
+                continue
+            try:
+                flat = tracking.flatten_metrics(yaml.safe_load(file.read_text(encoding="utf-8")))
+            except yaml.YAMLError:
+                continue
+            for key, value in _headline(flat).items():
+                lines.append(f"| {node.name} | {key} | {value:g} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="chatuie-pipeline")
+def pipeline(
+    root: str | None = None,
+    targets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The DVC pipeline of ``root`` (default: this repository), stage by stage."""
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    repo = Path(root or ROOT).resolve()
+    if overrides:
+        apply_overrides(repo / "params.yaml", overrides)
+        logger.info("params.yaml overrides: %s", overrides)
+    config = flow_config(repo)
+    nodes = stage_graph(repo, targets)
+    execution = f"prefect-{flow_run.id}"
+    env = _stage_env(execution, f"prefect {flow_run.name}")
+    futures: dict[str, Any] = {}
+    results: dict[str, dict] = {}
+    try:
+        for node in nodes:
+            stage_task = run_stage
+            if _is_flaky(node.name, config):
+                stage_task = run_stage.with_options(
+                    retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+                )
+            future = stage_task.submit(
+                node.name, str(repo), env, force, wait_for=[futures[u] for u in node.upstream if u in futures]
+            )
+            futures[node.name] = future
+            try:
+                results[node.name] = future.result()  # one at a time: DVC locks the repository
+            except Exception:
+                results[node.name] = {"status": "failed", "seconds": ""}
+                raise
+    finally:
+        create_markdown_artifact(
+            markdown=report_markdown(repo, nodes, results, execution),
+            key=ARTIFACT_KEY,
+            description="chatuie pipeline: stages, metrics, MLflow runs",
+        )
+    return {"execution_id": execution, "flow_run_id": str(flow_run.id), "stages": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the DVC pipeline as a Prefect flow.")
+    parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--target", action="append", default=None, help="stage (and its upstream) only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as dvc exp run -S")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)  # as -S: 1 is an int, true a bool
+    print(pipeline(root=args.root, targets=args.target, overrides=overrides or None, force=args.force))
+
+
+if __name__ == "__main__":
+    main()
