@@ -55,12 +55,8 @@ SYNTHETIC_TEXTS = [
 ]
 SYNTHETIC_SCHEMAS = {
     "ner": Schema(entities=["NAME", "ORG", "LOC", "TITLE", "EDU"]),
-    "re": Schema(
-        entities=["Loc", "Org", "Peop", "Other"], relations=["Work_For", "Live_In", "Kill"]
-    ),
-    "ee": Schema(
-        events={"质押": ["sub-org", "obj-org", "date", "number"], "收购": ["sub-org", "obj-org"]}
-    ),
+    "re": Schema(entities=["Loc", "Org", "Peop", "Other"], relations=["Work_For", "Live_In", "Kill"]),
+    "ee": Schema(events={"质押": ["sub-org", "obj-org", "date", "number"], "收购": ["sub-org", "obj-org"]}),
 }
 
 
@@ -90,14 +86,10 @@ def benchmark_requests(n: int, seed: int) -> tuple[list[IERequest], list[str | N
             by_task.setdefault(record.task, []).append(record)
         tasks = sorted(by_task)
         picked = [rng.choice(by_task[tasks[i % len(tasks)]]) for i in range(n)]
-        return [IERequest(r.task, r.text, r.schema) for r in picked], [
-            render(r, r.schema) for r in picked
-        ]
+        return [IERequest(r.task, r.text, r.schema) for r in picked], [render(r, r.schema) for r in picked]
     tasks = ["ner", "re", "ee"]
     requests = [
-        IERequest(
-            tasks[i % 3], SYNTHETIC_TEXTS[i % len(SYNTHETIC_TEXTS)], SYNTHETIC_SCHEMAS[tasks[i % 3]]
-        )
+        IERequest(tasks[i % 3], SYNTHETIC_TEXTS[i % len(SYNTHETIC_TEXTS)], SYNTHETIC_SCHEMAS[tasks[i % 3]])
         for i in range(n)
     ]
     return requests, [None] * n
@@ -128,9 +120,7 @@ def local_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(training_corpus(), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
 def local_model(tokenizer: Any, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
@@ -220,9 +210,7 @@ def run(
     start = time.perf_counter()
     for begin in range(0, len(prompts), batch_size):
         chunk = prompts[begin : begin + batch_size]
-        encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            device
-        )
+        encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         prompt_length = encoded["input_ids"].shape[1]
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
@@ -300,9 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=Path, help="a saved model directory (default: random local model)"
-    )
+    parser.add_argument("--model", type=Path, help="a saved model directory (default: random local model)")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -312,9 +298,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (best)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decoding.json")
-    parser.add_argument(
-        "--profile", type=Path, help="write a cProfile of the constrained runs here"
-    )
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the constrained runs here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -402,9 +386,7 @@ def main() -> None:
                             profiler=None,
                         )
                     )
-            plain, constrained = (
-                min(repeats[mode], key=lambda r: r["seconds"]) for mode in (False, True)
-            )
+            plain, constrained = (min(repeats[mode], key=lambda r: r["seconds"]) for mode in (False, True))
             for mode, result in ((False, plain), (True, constrained)):
                 result["seconds_of_repeats"] = [r["seconds"] for r in repeats[mode]]
             for result in (plain, constrained):

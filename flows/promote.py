@@ -1,6 +1,6 @@
 """Prefect flow: gate a registered version into production, or roll production back.
 
-The same operations as ``python tasks/promote.py`` (chatuie.tracking.promote / rollback), with the
+The same operations as ``chatuie promote`` (chatuie.tracking.promote / rollback), with the
 decision published as a markdown artifact (key ``chatuie-promotion``). The gate's margins come from
 params.yaml's ``promote`` section, ``policy`` overrides some of them for this run.
 """

@@ -1,18 +1,30 @@
-"""What every stage entry point shares: params loading, logging, a clean error exit."""
+"""What every stage entry point shares: params loading, logging, MLflow tracking, a clean error exit.
+
+``run(main)`` tracks the stage run in MLflow (chatuie.tracking) unless ``CHATUIE_TRACKING=off``.
+The stage is recognised from dvc.yaml through DVC itself (foreach/matrix/vars resolved): the stage
+whose ``cmd`` is this process's command line (``python tasks/evaluate.py sft`` -> ``evaluate@sft``),
+or the one named by ``run(main, stage=...)`` / ``CHATUIE_STAGE``. DVC also gives the md5 of each
+dependency (from its state cache: the hashes ``dvc repro`` just checked).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from chatuie.config import ConfigError, build, load_params
 from chatuie.records import ConversionError
+from chatuie.tracking import PlotFile, StageInfo, TrackingError, stage_run, tracking_enabled
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("chatuie.stage")
 
 
 def section(name: str, cls: type[T], params_path: Path | None = None) -> T:
@@ -20,12 +32,17 @@ def section(name: str, cls: type[T], params_path: Path | None = None) -> T:
     return build(cls, params.get(name), f"params.yaml: {name}")
 
 
-def run(main: Callable[[], Any]) -> None:
-    """Run a stage; expected failures print one clear line and exit 1 (no traceback noise)."""
+def run(main: Callable[[], Any], stage: str | None = None, *, track: bool = True) -> None:
+    """Run a stage; expected failures print one clear line and exit 1 (no traceback noise).
+
+    ``stage``: the DVC stage name, when the command line alone does not identify it.
+    ``track=False``: a command that is no stage (a CLI) runs untracked.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        main()
-    except (ConversionError, ConfigError) as err:
+        with _tracked(stage) if track else contextlib.nullcontext():
+            main()
+    except (ConversionError, ConfigError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 
@@ -36,3 +53,100 @@ def set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# -------------------------------------------------------------------------------------------- tracking
+
+
+@contextlib.contextmanager
+def _tracked(stage: str | None) -> Iterator[None]:
+    if not tracking_enabled():
+        yield
+        return
+    found = stage_info(stage or os.environ.get("CHATUIE_STAGE") or None)
+    if found is None:
+        log.warning("not a stage of dvc.yaml (%s): this run is not tracked", shlex.join(sys.argv))
+        yield
+        return
+    info, root, params_file = found
+    with stage_run(info, root, params_file):
+        yield
+
+
+def _argv_of(cmd: str) -> list[str]:
+    """``python -u tasks/x.py a`` -> ``["tasks/x.py", "a"]``: the script and its arguments."""
+    words = shlex.split(cmd)
+    if words and Path(words[0]).name.startswith("python"):
+        words = words[1:]
+        while words and words[0].startswith("-") and words[0] != "-m":
+            words = words[1:]
+    return words
+
+
+def _same_command(cmd: str | list[str], wdir: Path) -> bool:
+    me = [str(Path(sys.argv[0]).resolve()), *sys.argv[1:]]
+    for line in [cmd] if isinstance(cmd, str) else cmd:
+        words = _argv_of(line)
+        if words and [str((wdir / words[0]).resolve()), *words[1:]] == me:
+            return True
+    return False
+
+
+def _address(stage: Any, root: Path) -> str:
+    """The stage's name as `dvc repro` in the root calls it (DVC's ``addressing`` follows the cwd)."""
+    dvc_file = Path(stage.path).resolve()
+    if dvc_file == root.resolve() / "dvc.yaml":
+        return stage.name
+    return f"{dvc_file.relative_to(root.resolve())}:{stage.name}"
+
+
+def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]] | None:
+    """(StageInfo, repo root, params.yaml) of the stage this process runs, None if it is none."""
+    from dvc.exceptions import DvcException, NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo()
+    except NotDvcRepoError:
+        return None
+    try:
+        root = Path(repo.root_dir)
+        stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
+        if name:
+            matches = [s for s in stages if _address(s, root) == name]
+            if not matches:
+                raise TrackingError(f"no stage {name!r} in {root / 'dvc.yaml'}")
+        else:
+            matches = [s for s in stages if _same_command(s.cmd, Path(s.wdir))]
+        if not matches:
+            return None
+        if len(matches) > 1:
+            names = ", ".join(_address(s, root) for s in matches)
+            raise TrackingError(
+                f"this command is the cmd of several stages ({names}): pass run(main, stage=...)"
+            )
+        stage = matches[0]
+        params: dict[str, Any] = {}
+        deps: dict[str, str] = {}
+        for dep in stage.deps:
+            if hasattr(dep, "read_params"):  # a params dependency: its sections, by listed name
+                params.update(dep.read_params())
+            else:
+                deps[dep.def_path] = dep.get_hash().value or "missing"
+        metrics, plots, outs = [], [], []
+        for out in stage.outs:
+            if out.metric:
+                metrics.append(out.def_path)
+            elif out.plot:
+                props = out.plot if isinstance(out.plot, dict) else {}
+                plots.append(PlotFile(out.def_path, props.get("x"), props.get("y")))
+            elif not out.persist:  # persistent outputs (checkpoints, the judge cache) outlive runs
+                outs.append(out.def_path)
+        cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
+        info = StageInfo(_address(stage, root), cmd, params, deps, metrics, plots, outs)
+    except DvcException as err:
+        raise TrackingError(f"reading the stage from dvc.yaml failed: {err}") from err
+    finally:
+        repo.close()
+    params_file = load_params(root / "params.yaml") if (root / "params.yaml").exists() else {}
+    return info, root, params_file

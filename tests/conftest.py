@@ -31,10 +31,16 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def smoke_repo(tmp_path_factory) -> Path:
-    """One real `dvc repro` of the whole pipeline on the smoke profile, shared by the e2e tests."""
-    from pipeline_repo import make_repo, run
+def smoke_run(tmp_path_factory):
+    """The one tracked `dvc repro` of the smoke pipeline in this test process (smoke_pipeline.py)."""
+    from smoke_pipeline import smoke
 
-    repo = make_repo(tmp_path_factory.mktemp("smoke"), profile="smoke")
-    run(["dvc", "repro"], repo)
-    return repo
+    return smoke(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(smoke_run, tmp_path_factory) -> Path:
+    """A copy of that run's repo (outputs, DVC cache; an empty MLflow store) for tests that rerun stages."""
+    from smoke_pipeline import clone
+
+    return clone(smoke_run.snapshot, tmp_path_factory.mktemp("smoke-copy") / "repo")

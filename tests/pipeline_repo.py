@@ -22,6 +22,8 @@ PROJECT_FILES = [
     ".dvc/config",
     ".dvcignore",
     "pyproject.toml",
+    ".gitignore",
+    "mlflow/.gitignore",
 ]
 
 
@@ -55,6 +57,8 @@ def make_repo(dest: Path, profile: str | None = None) -> Path:
     if profile:
         shutil.copy(dest / f"params.{profile}.yaml", dest / "params.yaml")
     run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
     # The committed remote is relative to the checkout (../../shared/dvc-store); here it is elsewhere.
     run(["dvc", "remote", "modify", "--local", "shared", "url", str(SHARED_STORE)], dest)
     run(["dvc", "pull", "-q", "data/raw.dvc"], dest)

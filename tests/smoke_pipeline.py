@@ -18,58 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pipeline_repo import make_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-PROJECT_FILES = [
-    "dvc.yaml",
-    "tasks",
-    "src",
-    "flows",
-    "pyproject.toml",
-    ".dvcignore",
-    ".gitignore",
-    "data/raw.dvc",
-    "data/.gitignore",
-    ".dvc/config",
-    "mlflow/.gitignore",
-]
-SHARED_STORE = Path("/work/shared/dvc-store")
 FAKE_SECRET = "sk-chatuie-test-0123456789abcdef"  # exported as the judge key during the smoke run
-
-# What the lead pastes into dvc.yaml / params.smoke.yaml (see the report); added here when absent so
-# the tests run before and after the paste.
-REGISTER_STAGE = """
-  register:
-    cmd: python tasks/register.py
-    deps:
-      - models/${register.model}
-      - metrics/${register.model}.json
-      - tasks/register.py
-      - src/chatuie/tracking.py
-    params:
-      - register
-      - promote
-    metrics:
-      - metrics/register.json:
-          cache: false
-"""
-SMOKE_PARAMS = {
-    "register": {"model": "rl", "registered_model": "chatuie", "gate": True},
-    "promote": {
-        "min_f1_gain": 0.5,
-        "max_chat_drop": 0.05,
-        "floor_mean_ie_f1": 0.0,
-        "floor_chat": {"webqa_rouge1": 0.0, "ceval_accuracy": 0.0},
-    },
-    "flow": {
-        "flaky_stages": ["reward_data"],
-        "retries": 2,
-        "retry_delay_seconds": 1,
-        "deployment": "smoke",
-        "schedule": {"cron": "0 3 * * *", "timezone": "UTC", "active": True},
-    },
-}
 
 
 @dataclass
@@ -103,38 +55,6 @@ def sh(args: list[str], cwd: Path, environ: dict[str, str] | None = None, timeou
     return proc.stdout
 
 
-def make_repo(repo: Path) -> Path:
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
-    shutil.copytree(ROOT / "data" / "raw", repo / "data" / "raw")  # as `dvc pull`, without the copy
-    shutil.copy(ROOT / "params.smoke.yaml", repo / "params.yaml")
-    ensure_stanzas(repo)
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "config", "user.email", "test@example.com"], repo)
-    sh(["git", "config", "user.name", "test"], repo)
-    sh(["dvc", "remote", "modify", "--local", "shared", "url", str(SHARED_STORE)], repo)
-    return repo
-
-
-def ensure_stanzas(repo: Path) -> None:
-    dvc_yaml = repo / "dvc.yaml"
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    if "register" not in stages:
-        text = dvc_yaml.read_text()
-        head, sep, tail = text.partition("\nplots:")
-        dvc_yaml.write_text(head.rstrip("\n") + "\n" + REGISTER_STAGE + (sep + tail if sep else ""))
-    params_path = repo / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
-    missing = {k: v for k, v in SMOKE_PARAMS.items() if k not in params}
-    if missing:
-        params_path.write_text(params_path.read_text() + yaml.safe_dump(missing, sort_keys=False))
-
-
 def commit(repo: Path, message: str) -> str:
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", message, "--allow-empty"], repo)
@@ -154,7 +74,7 @@ def smoke(tmp_path_factory) -> Smoke:
 
 
 def _build(tmp_path_factory) -> Smoke:
-    repo = make_repo(tmp_path_factory.mktemp("smoke") / "repo")
+    repo = make_repo(tmp_path_factory.mktemp("smoke") / "repo", profile="smoke")
     head = commit(repo, "smoke project")
     started = time.monotonic()
     # The judge's key is exported and the execution's name (a parent run name) carries it:

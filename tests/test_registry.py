@@ -15,14 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from smoke_pipeline import VENV_BIN, clone, env, params, sh, smoke
+from smoke_pipeline import VENV_BIN, clone, env, params, sh
 
 from chatuie import tracking
 from chatuie.tracking import PromotionPolicy, decide
-
-# Issue 5 is not integrated yet: paste the register stage and params, install
-# tasks/_stage_tracked.py as tasks/_stage.py, pin sqlalchemy==2.0.54; then drop this mark.
-pytestmark = pytest.mark.skip(reason="issue 5 not integrated yet (see the comment above)")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
@@ -59,11 +55,6 @@ def test_gate(candidate: dict, production: dict | None, promoted: bool, why: str
 
 
 # ------------------------------------------------------------------------------------ smoke registry
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    return smoke(tmp_path_factory)
 
 
 def _client(repo: Path):
@@ -159,7 +150,7 @@ def test_worse_run_becomes_candidate_not_production(worse_run: Path) -> None:
 
 def _promote_cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(VENV_BIN / "python"), "tasks/promote.py", *args],
+        [str(VENV_BIN / "chatuie"), "promote", *args],
         cwd=repo,
         env=env(),
         capture_output=True,

@@ -15,8 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT
 
 from chatuie.judge import flatten_answer
 from chatuie.modeling import generate, load_saved, save_model
@@ -234,78 +232,13 @@ def test_grpo_batch_must_hold_whole_groups(project: Path, prompts: list[dict[str
 # ------------------------------------------------------------------------------------ the whole pipeline
 
 
-# The tasks/sft.py change proposed with these stages (applied to the temp copy until it is pasted).
-_MODELING_IMPORT = (
-    "from chatuie.modeling import ModelConfig, TeachSettings, load_model, merge_lora, save_model, train_sft\n"
-)
-SFT_PATCH = [
-    (_MODELING_IMPORT, _MODELING_IMPORT + "from chatuie.reward import HeldoutSplit, is_heldout\n"),
-    (
-        "    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples\n",
-        "    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples\n"
-        "    # Train records SFT leaves out (by a hash of the record id): reward_data scores the SFT\n"
-        "    # model's answers on them, records it never saw.\n"
-        "    heldout: HeldoutSplit = field(default_factory=HeldoutSplit)\n",
-    ),
-    (
-        '        rows = [s for s in samples if s["dataset"] == dataset]\n',
-        "        rows = [\n"
-        '            s for s in samples if s["dataset"] == dataset and not is_heldout(s["record_id"], '
-        "config.heldout)\n"
-        "        ]\n",
-    ),
-]
-
-
-def patch_sft(repo: Path) -> None:
-    path = repo / "tasks" / "sft.py"
-    text = path.read_text(encoding="utf-8")
-    if "heldout" in text:
-        return  # already pasted
-    for old, new in SFT_PATCH:
-        assert text.count(old) == 1, f"tasks/sft.py changed: cannot apply {old!r}"
-        text = text.replace(old, new)
-    path.write_text(text, encoding="utf-8")
-
-
-def merge_stanzas(repo: Path) -> None:
-    """Add the reward_data/rm/rl/rl_compare stanzas (tasks/rl_stages.yaml) where still missing."""
-    source = ROOT / "tasks" / "rl_stages.yaml"
-    if not source.exists():  # pasted into dvc.yaml / params and removed: nothing to merge
-        return
-    spec = yaml.safe_load(source.read_text(encoding="utf-8"))
-    dvc_path = repo / "dvc.yaml"
-    dvc = yaml.safe_load(dvc_path.read_text(encoding="utf-8"))
-    for name, stage in spec["dvc"]["stages"].items():
-        dvc["stages"].setdefault(name, stage)
-    foreach = dvc["stages"]["evaluate"]["foreach"]
-    foreach.extend(item for item in spec["dvc"]["evaluate_foreach_add"] if item not in foreach)
-    for plot in dvc.get("plots", []):
-        for props in plot.values():
-            if isinstance(props, dict) and isinstance(props.get("y"), dict):
-                props["y"].update(spec["dvc"]["f1_plot_y_add"])
-    dvc_path.write_text(yaml.safe_dump(dvc, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    params_path = repo / "params.yaml"
-    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    for key, value in spec["params_smoke"].items():
-        if key == "sft":
-            params["sft"].setdefault("heldout", value["heldout"])
-        else:
-            params.setdefault(key, value)
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
 @pytest.mark.slow
-def test_smoke_pipeline_through_rl_compare(tmp_path_factory) -> None:
-    from pipeline_repo import make_repo, run, tool_env
+def test_smoke_pipeline_through_rl_compare(smoke_run, tmp_path: Path) -> None:
+    from pipeline_repo import run, tool_env
+    from smoke_pipeline import clone
 
-    repo = make_repo(tmp_path_factory.mktemp("rl-smoke"), profile="smoke")
-    merge_stanzas(repo)
-    patch_sft(repo)
-    env = {**tool_env(), "CHATUIE_JUDGE_API_KEY": "sk-rl-smoke-not-a-real-key"}
-    started = time.monotonic()
-    run(["dvc", "repro", "rl_compare"], repo, env=env, timeout=1500)
-    seconds = time.monotonic() - started
+    repo = smoke_run.repo  # read only: the shared smoke `dvc repro` went through rl_compare
+    seconds = smoke_run.seconds
     metrics = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").glob("*.json")}
     assert metrics["reward_data"]["pairs"]["train"] > 0 and metrics["reward_data"]["judged"]["prompts"] > 0
     assert metrics["rm"]["accuracy"] is not None
@@ -315,7 +248,9 @@ def test_smoke_pipeline_through_rl_compare(tmp_path_factory) -> None:
     assert set(compare["ie"]) == set(IE) and "mean_ie_f1_gain" in compare["summary"]
     for stage in ("reward_data", "rm", "rl_train"):
         print(f"{stage}: {metrics[stage].get('seconds_total', metrics[stage]['seconds'])} s in-stage")
-    print(f"dvc repro rl_compare (whole smoke pipeline): {seconds:.0f} s")
+    print(f"dvc repro (whole smoke pipeline): {seconds:.0f} s")
+    repo = clone(smoke_run.snapshot, tmp_path / "repo")
+    env = {**tool_env(), "CHATUIE_JUDGE_API_KEY": "sk-rl-smoke-not-a-real-key"}
     # A second repro: nothing to do, and the judge cache survived (persist: true).
     cache = (repo / "data" / "judge_cache.jsonl").read_text()
     again = run(["dvc", "repro", "rl_compare"], repo, env=env)

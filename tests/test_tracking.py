@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smoke_pipeline import FAKE_SECRET, VENV_BIN, clone, env, sh, smoke
+from smoke_pipeline import FAKE_SECRET, VENV_BIN, clone, env, sh
 
 from chatuie import tracking
 from chatuie.tracking import PlotFile, StageInfo, TrackingError
-
-# Issue 5 is not integrated yet: paste the register stage and params, install
-# tasks/_stage_tracked.py as tasks/_stage.py, pin sqlalchemy==2.0.54; then drop this mark.
-pytestmark = pytest.mark.skip(reason="issue 5 not integrated yet (see the comment above)")
 
 SECRET = "tok-abcdefgh-12345678"
 
@@ -186,11 +182,6 @@ def test_unreachable_server_is_one_clear_error(store: Path, monkeypatch: pytest.
 
 
 # ------------------------------------------------------------------------------------ smoke pipeline
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    return smoke(tmp_path_factory)
 
 
 def _lock(repo: Path) -> dict:

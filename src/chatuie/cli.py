@@ -1,10 +1,11 @@
-"""The ``chatuie`` command: extract, serve, view, report.
+"""The ``chatuie`` command: extract, serve, view, report, promote.
 
     chatuie extract --schema schema.json "张三在北京工作。"
     chatuie extract --schema schema.json -i in.jsonl -o out.jsonl     # resumable
     chatuie serve --model models/sft --port 8000 --api-key KEY
     chatuie view reports/eval/sft/predictions.conll04.constrained.jsonl -o view.html
     chatuie report
+    chatuie promote [--version N] | chatuie promote --rollback
 
 Expected failures (bad input, a missing model) print one ``error: ...`` line naming the file,
 line and field, and exit with status 1; nothing is half-written.
@@ -210,6 +211,37 @@ def report(
         _fail(err)
     for path in written:
         typer.echo(path)
+
+
+@app.command()
+def promote(
+    version: Annotated[int | None, typer.Option(help="Version to gate (default: the latest).")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Move production back one version.")] = False,
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "chatuie",
+    params: Annotated[Path, typer.Option(help="params.yaml whose `promote` section is the gate.")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Gate a registered version into `production` (else `candidate`), or roll production back.
+
+    The registry is MLFLOW_TRACKING_URI's, else the project's mlflow/ store. Prints the decision as JSON.
+    """
+    import dataclasses
+
+    from chatuie.config import ConfigError, build, load_params
+    from chatuie.tracking import PromotionPolicy, TrackingError
+    from chatuie.tracking import promote as gate
+    from chatuie.tracking import rollback as roll_back
+
+    try:
+        if rollback:
+            decision = roll_back(name=name)
+        else:
+            policy = build(PromotionPolicy, load_params(params).get("promote"), f"{params}: promote")
+            decision = gate(version, policy, name=name)
+    except (ConfigError, TrackingError) as err:
+        _fail(err)
+    typer.echo(json.dumps(dataclasses.asdict(decision)))
 
 
 if __name__ == "__main__":

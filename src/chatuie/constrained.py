@@ -425,9 +425,7 @@ class _Allowed:
                 cached = _id_tensor(self.ranked_ids[:cut], device, vocab)
             elif self._span is not None:
                 _, inside, crossing_ids, _ = self._span
-                cached = torch.cat(
-                    [inside.tensor(device, vocab), _id_tensor(crossing_ids, device, vocab)]
-                )
+                cached = torch.cat([inside.tensor(device, vocab), _id_tensor(crossing_ids, device, vocab)])
             else:
                 cached = _id_tensor(self.ids, device, vocab)
             self._tensors[key] = cached
@@ -437,9 +435,7 @@ class _Allowed:
 class IEGrammar:
     """The byte automaton of the answers allowed for one (task, text, schema)."""
 
-    def __init__(
-        self, task: str, text: str, schema: Schema, *, allow_leading_space: bool = False
-    ) -> None:
+    def __init__(self, task: str, text: str, schema: Schema, *, allow_leading_space: bool = False) -> None:
         if task not in IE_TASKS:
             raise ValueError(f"task {task!r} has no IE output format (expected one of {IE_TASKS})")
         self.task = task
@@ -508,9 +504,7 @@ class IEGrammar:
         self._keep.append(keep)
         return len(self._kind) - 1
 
-    def _lit(
-        self, src: int, data: bytes, dst: int, keep: tuple[bool, bool, bool] = _KEEP_ALL
-    ) -> None:
+    def _lit(self, src: int, data: bytes, dst: int, keep: tuple[bool, bool, bool] = _KEEP_ALL) -> None:
         """Literal ``data`` from ``src`` to ``dst`` (intermediate nodes created as needed)."""
         node = src
         for i, byte in enumerate(data):
@@ -740,11 +734,7 @@ class IEGrammar:
             if root < 0:
                 root = self._role_roots[event] if event >= 0 else -1
             used = used1 if self._key_level[node] == 1 else used2
-            state = (
-                (node, root, used1, used2, event)
-                if root >= 0 and self._kt_mask[root] & ~used
-                else None
-            )
+            state = (node, root, used1, used2, event) if root >= 0 and self._kt_mask[root] & ~used else None
         elif kind == _SPAN:
             state = state if self.spans_possible else None
         self._enter_cache[key] = state
@@ -1304,9 +1294,7 @@ class IEConstraintProcessor(LogitsProcessor):
 
     # -- masking ------------------------------------------------------------------------------
 
-    def _constant(
-        self, name: str, ids: list[int], device: torch.device, vocab: int
-    ) -> torch.Tensor:
+    def _constant(self, name: str, ids: list[int], device: torch.device, vocab: int) -> torch.Tensor:
         key = (name, device, vocab)
         tensor = self._const.get(key)
         if tensor is None:
@@ -1368,9 +1356,7 @@ class IEConstraintProcessor(LogitsProcessor):
     def completed_texts(self) -> list[str]:
         """Per row: the answer so far, closed validly where generation stopped early."""
         if self._rows is None:
-            return [
-                _decode_answer(g.close_from(b"", g.initial, 0, g.initial)) for g in self.grammars
-            ]
+            return [_decode_answer(g.close_from(b"", g.initial, 0, g.initial)) for g in self.grammars]
         return [
             _decode_answer(r.grammar.close_from(bytes(r.out), r.state, r.safe_len, r.safe_state))
             for r in self._rows
@@ -1412,9 +1398,7 @@ def constrained_generate(
     if len(prompts) != len(requests):
         raise ValueError(f"{len(prompts)} prompts for {len(requests)} requests")
     table = token_table(tokenizer)
-    eos = set(table.eos_ids) | set(
-        _as_id_list(getattr(model.generation_config, "eos_token_id", None))
-    )
+    eos = set(table.eos_ids) | set(_as_id_list(getattr(model.generation_config, "eos_token_id", None)))
     if not eos:
         raise ValueError("neither the tokenizer nor the model names an EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
