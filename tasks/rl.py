@@ -18,6 +18,7 @@ from pathlib import Path
 
 from _stage import run, section, set_threads
 
+from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
 from chatuie.io import read_json, write_json
 from chatuie.modeling import load_saved, save_model
@@ -94,6 +95,7 @@ def train() -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     save_model(result.model, tokenizer, OUT)
+    save_prompt_options(OUT, chat)
     metrics = {
         **summarize(result, config),
         "prompts": len(fitting),

@@ -14,6 +14,7 @@ from pathlib import Path
 from _stage import run, section, set_threads
 from base import write_loss_curve
 
+from chatuie.chat import save_prompt_options
 from chatuie.io import read_jsonl, write_json
 from chatuie.modeling import (
     ModelConfig,
@@ -26,6 +27,7 @@ from chatuie.modeling import (
     train_sft,
 )
 from chatuie.reward import HeldoutSplit, is_heldout
+from chatuie.samples import SamplesConfig
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ def main() -> None:
     if config.merge_lora:
         model = merge_lora(model)
     save_model(model, tokenizer, Path("models/sft"))
+    # The prompt style the model learnt travels with it (chatuie extract / serve / the registry).
+    save_prompt_options(Path("models/sft"), section("samples", SamplesConfig).chat)
     write_loss_curve(Path("metrics/train/sft_loss.csv"), result.loss_log)
     metrics = {
         "samples": len(samples),

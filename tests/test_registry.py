@@ -102,6 +102,10 @@ def test_production_model_extracts(smoke_run, tmp_path: Path) -> None:
     requirements = (model_dir.parent / "requirements.txt").read_text().split()
     assert any(r.startswith("transformers==") for r in requirements)
     assert not any(r.startswith("torchvision") for r in requirements)
+    # How the model was taught to be asked travels with it (prompt_options_for reads it).
+    assert json.loads((model_dir / "chatuie_prompt.json").read_text()) == json.loads(
+        (smoke_run.repo / "models" / "rl" / "chatuie_prompt.json").read_text()
+    )
     model, tokenizer = load_saved(model_dir)
     records = load_records(smoke_run.snapshot / "data" / "records" / "resume" / "test.jsonl")[:2]
     prompts = [

@@ -98,6 +98,17 @@ DEFAULT_OPTIONS = ChatOptions()
 PROMPT_FILE = "chatuie_prompt.json"
 
 
+def save_prompt_options(model_dir: str | Path, options: ChatOptions) -> Path:
+    """Write how ``model_dir``'s model was taught to be asked (read back by :func:`prompt_options_for`)."""
+    from dataclasses import asdict
+
+    from chatuie.io import write_json
+
+    path = Path(model_dir) / PROMPT_FILE
+    write_json(path, asdict(options))
+    return path
+
+
 def prompt_options_for(model_dir: str | Path | None, params_path: str | Path = "params.yaml") -> ChatOptions:
     """How a saved model was taught to be asked: ``<model_dir>/chatuie_prompt.json`` if present,
     else the project's ``params.yaml`` (``samples.chat``) when run inside the project, else defaults.

@@ -62,6 +62,7 @@ DEFAULT_EXPERIMENT = "chatuie"
 REGISTERED_MODEL = "chatuie"
 STORE_DIR = "mlflow"
 NOTE_FILE = "chatuie_model.json"  # = chatuie.modeling.NOTE_FILE (not imported: that pulls in torch)
+PROMPT_FILE = "chatuie_prompt.json"  # = chatuie.chat.PROMPT_FILE: how the model is asked
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # artifact files above this are skipped
 MAX_OUT_BYTES = 5 * 1024 * 1024  # an output (file or directory) above this is skipped whole
@@ -721,6 +722,10 @@ def _register_full(model_dir: Path, note: dict, name: str, tags: dict[str, str])
 
     # No model card or license lookups on the hub for a local model (offline machines retry for
     # ~30 s): offline mode, and an absolute name_or_path that is no valid hub id anyway.
+    prompt_path = model_dir / PROMPT_FILE
+    metadata: dict[str, Any] = {"chatuie_model": note}
+    if prompt_path.exists():
+        metadata["chatuie_prompt"] = json.loads(prompt_path.read_text(encoding="utf-8"))
     with _env(HF_HUB_OFFLINE="1"):
         model, tokenizer = load_saved(model_dir.resolve())
         info = mlflow.transformers.log_model(
@@ -728,7 +733,7 @@ def _register_full(model_dir: Path, note: dict, name: str, tags: dict[str, str])
             name="model",
             task="text-generation",
             pip_requirements=pip_requirements(),
-            metadata={"chatuie_model": note},  # download_model writes it back as chatuie_model.json
+            metadata=metadata,  # download_model writes both files back
         )
     return int(mlflow.register_model(info.model_uri, name, tags=tags).version)
 
@@ -805,6 +810,9 @@ def _assemble_flavor_dir(local: Path) -> Path:
     meta = (yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8")) or {}).get("metadata") or {}
     note = meta.get("chatuie_model") or {"kind": "full", "dtype": "float32"}
     (model_dir / NOTE_FILE).write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
+    if meta.get("chatuie_prompt"):
+        prompt = json.dumps(meta["chatuie_prompt"], indent=2) + "\n"
+        (model_dir / PROMPT_FILE).write_text(prompt, encoding="utf-8")
     return model_dir
 
 
