@@ -2,7 +2,8 @@
 
 `model.base: tiny` builds the embedded default: a byte-level BPE tokenizer trained on the training
 samples, a seeded Llama-architecture model sized in params, then taught to answer questions
-(WebQA train part, C-Eval dev) so it has measurable chat ability before IE training.
+(WebQA train part, C-Eval dev) so it has measurable chat ability before IE training, and to repeat
+training texts (`base.repeat_samples`): copying spans is most of what SFT then asks.
 Any other `model.base` (hub id or local directory) is loaded as is and saved to models/base/.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from _stage import run, section, set_threads
 
+from chatuie.chat import repeat_samples
 from chatuie.io import read_jsonl, write_json
 from chatuie.modeling import (
     ModelConfig,
@@ -35,6 +37,7 @@ class BaseStageConfig:
     """``base`` section: what teaching the tiny model to answer uses."""
 
     qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
+    repeat_samples: int = 0  # "repeat the text" samples from IE training texts: copying, before SFT
     teach: TeachSettings = field(default_factory=TeachSettings)
     threads: int = 0
 
@@ -49,13 +52,15 @@ def main() -> None:
     if model_config.base == "tiny":
         model, tokenizer = load_model(model_config, texts=chat_texts(samples))
         qa = [s for s in samples if s["dataset"] in config.qa_datasets]
+        repeat = repeat_samples(samples, config.repeat_samples, config.teach.seed)
         checkpoints = Path("models/checkpoints/base")
         identity = {"model": model_config, "base": config, "samples": file_digest("data/samples/train.jsonl")}
         resume = claim_checkpoints(checkpoints, identity)
-        result = teach_to_answer(model, tokenizer, qa, config.teach, checkpoints, resume=resume)
+        result = teach_to_answer(model, tokenizer, qa + repeat, config.teach, checkpoints, resume=resume)
         model = result.model
         metrics.update(
             qa_samples=len(qa),
+            repeat_samples=len(repeat),
             steps=result.global_step,
             final_loss=result.loss_log[-1]["loss"] if result.loss_log else None,
             parameters=sum(p.numel() for p in model.parameters()),

@@ -83,3 +83,21 @@ def test_decontamination_removes_test_texts(records) -> None:
     assert not train_keys & held_out
     assert counts["decontaminated_train_records"]["conll04"] > 0
     assert {s["dataset"] for s in samples["test"]} == {"resume", "conll04", "fewfc", "webqa", "ceval"}
+
+
+def test_repeat_samples_copy_training_texts() -> None:
+    from chatuie.chat import REPEAT_TASK, TEXT_PREFIX, ie_user_prompt, messages_for, repeat_samples
+    from chatuie.records import Schema
+
+    texts = ["张三在北京工作。", "John lives in Paris .", "张三在北京工作。"]
+    samples = [
+        {"task": "ner", "messages": messages_for(ie_user_prompt("ner", t, Schema(entities=["PER"])), "{}")}
+        for t in texts
+    ] + [{"task": "qa", "messages": messages_for("Text: not an IE prompt", "x")}]
+    rows = repeat_samples(samples, 10, seed=1)
+    assert sorted(r["messages"][-1]["content"] for r in rows) == sorted(set(texts))  # distinct, IE only
+    for row in rows:
+        user, answer = row["messages"][0]["content"], row["messages"][-1]["content"]
+        assert user == f"{REPEAT_TASK}{TEXT_PREFIX}{answer}"
+    assert repeat_samples(samples, 1, seed=1) == repeat_samples(samples, 1, seed=1)
+    assert len(repeat_samples(samples, 1, seed=1)) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,36 @@ def ie_user_prompt(task: str, text: str, schema: Schema, options: ChatOptions = 
         lines.append(f"Answer in JSON: {_FORMAT_HINT[task]}")
     lines.append(f"Text: {text}")
     return "\n".join(lines)
+
+
+TEXT_PREFIX = "\nText: "
+REPEAT_TASK = "Task: repeat the text exactly."
+
+
+def repeat_samples(samples: Iterable[dict[str, Any]], count: int, seed: int = 13) -> list[dict[str, Any]]:
+    """``count`` chat samples "repeat this text" made from the texts of IE training samples.
+
+    Copying is what extraction needs most (every span is copied from the input), and a model built
+    from scratch learns it (induction heads) only after a few hundred steps of dense copy signal:
+    the base stage teaches it before SFT has to. Texts come from training samples only.
+    """
+    users = (
+        next(m["content"] for m in s["messages"] if m["role"] == "user")
+        for s in samples
+        if s.get("task") in ("ner", "re", "ee")
+    )
+    texts = sorted({u.partition(TEXT_PREFIX)[2] for u in users} - {""})
+    rng = random.Random(seed)
+    chosen = rng.sample(texts, min(count, len(texts)))
+    return [
+        {
+            "id": f"repeat-{i:05d}",
+            "dataset": "repeat",
+            "task": "repeat",
+            "messages": messages_for(f"{REPEAT_TASK}{TEXT_PREFIX}{text}", text, system_prompt=False),
+        }
+        for i, text in enumerate(chosen)
+    ]
 
 
 def qa_user_prompt(record: Record) -> str:
