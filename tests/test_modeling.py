@@ -343,6 +343,25 @@ def test_resume_after_kill(saved_tiny, tmp_path):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_rerun_of_a_run_finished_mid_epoch_trains_nothing(saved_tiny, tmp_path):
+    """transformers resumes a run that stopped mid-epoch at max_steps with one more step; we do not."""
+    per_epoch = -(-len(SAMPLES) // 2)
+    plan = settings(
+        max_steps=per_epoch + 1, save_steps=per_epoch + 1, logging_steps=1, per_device_batch_size=2
+    )
+    model, tokenizer = load_model(ModelConfig(base=str(saved_tiny)))
+    first = teach_to_answer(model, tokenizer, SAMPLES, plan, tmp_path / "run")
+    model, tokenizer = load_model(ModelConfig(base=str(saved_tiny)))
+    again = teach_to_answer(model, tokenizer, SAMPLES, plan, tmp_path / "run")
+    assert again.global_step == first.global_step == plan.max_steps
+    assert again.loss_log == first.loss_log
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [f"checkpoint-{plan.max_steps}"]
+    for (name, pa), (_, pb) in zip(
+        again.model.state_dict().items(), first.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+
+
 # ------------------------------------------------------------------------------------------------ LoRA
 
 

@@ -495,6 +495,14 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+def _finished_state(checkpoint: Path | None, max_steps: int) -> dict[str, Any] | None:
+    """``checkpoint``'s trainer state if that run already reached ``max_steps``, else None."""
+    if checkpoint is None or max_steps <= 0:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state if int(state.get("global_step", 0)) >= max_steps else None
+
+
 def _drop_incomplete_after(output_dir: Path, keep: Path | None) -> None:
     """Remove checkpoint dirs newer than ``keep`` (interrupted writes) so they cannot shadow it."""
     keep_step = int(keep.name.split("-")[-1]) if keep else -1
@@ -650,22 +658,31 @@ def train_chat(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    if checkpoint is not None:
-        logger.info("resuming from %s", checkpoint)
+    finished = _finished_state(checkpoint, settings.max_steps)
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if finished is not None:
+            # The run is complete: hand back its weights. (transformers' resume at the last step of
+            # a mid-epoch run would train one step more, and every rerun one more again.)
+            logger.info("%s already reached max_steps=%d: no training", checkpoint, settings.max_steps)
+            trainer._load_from_checkpoint(str(checkpoint))
+            log_history, global_step = finished["log_history"], int(finished["global_step"])
+        else:
+            if checkpoint is not None:
+                logger.info("resuming from %s", checkpoint)
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            log_history, global_step = trainer.state.log_history, trainer.state.global_step
     finally:
         _unpatch_forward(model, patched_before)
     loss_log = [
         {"step": int(entry["step"]), "loss": float(entry["loss"])}
-        for entry in trainer.state.log_history
+        for entry in log_history
         if "loss" in entry and "step" in entry
     ]
     tokenizer.padding_side = "left"  # back to generation's side
     model = trainer.model
     model.eval()
     resumed_from = str(checkpoint) if checkpoint else None
-    return TrainResult(model, loss_log, trainer.state.global_step, resumed_from, too_long)
+    return TrainResult(model, loss_log, global_step, resumed_from, too_long)
 
 
 def teach_to_answer(
