@@ -513,6 +513,26 @@ def _drop_incomplete_after(output_dir: Path, keep: Path | None) -> None:
             shutil.rmtree(path)
 
 
+def trainer_safety_args(device: str, seed: int) -> dict[str, Any]:
+    """The arguments every TRL config here shares: seeded, CPU-safe, quiet.
+
+    TRL defaults to bf16 and gradient checkpointing; transformers 5.23 renamed gradient_checkpointing
+    to activation_checkpointing, and TRL's gradient_checkpointing=True is copied over unless the new
+    name is set. No trackers (MLflow is ours), no worker processes, no progress bars.
+    """
+    return {
+        "seed": seed,
+        "data_seed": seed,
+        "use_cpu": device == "cpu",
+        "bf16": False,
+        "fp16": False,
+        "activation_checkpointing": False,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
 def sft_config(settings: TeachSettings, output_dir: str | Path, *, has_eval: bool = False, **overrides: Any):
     """TRL ``SFTConfig`` for a CPU-safe, assistant-only, checkpointed run (``overrides`` win)."""
     from trl import SFTConfig
@@ -539,18 +559,7 @@ def sft_config(settings: TeachSettings, output_dir: str | Path, *, has_eval: boo
         "save_total_limit": settings.save_total_limit,
         "eval_strategy": "steps" if has_eval else "no",
         "eval_steps": (settings.save_steps or settings.logging_steps) if has_eval else None,
-        "seed": settings.seed,
-        "data_seed": settings.seed,
-        # CPU-safe: TRL defaults to bf16 and gradient checkpointing; no trackers; no worker processes.
-        "use_cpu": settings.device == "cpu",
-        "bf16": False,
-        "fp16": False,
-        # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; TRL's default
-        # gradient_checkpointing=True is copied over unless the new name is set.
-        "activation_checkpointing": False,
-        "report_to": [],
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
+        **trainer_safety_args(settings.device, settings.seed),
         # Data: conversational samples, loss on assistant turns (answer + <|im_end|>) only.
         "assistant_only_loss": True,
         "max_length": settings.max_length,

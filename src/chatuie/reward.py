@@ -37,6 +37,7 @@ import torch
 
 from chatuie.chat import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
 from chatuie.judge import JudgeItem, JudgeResult
+from chatuie.modeling import trainer_safety_args
 from chatuie.negatives import ConfusionTable, NegativeSettings, make_negatives
 from chatuie.output_format import render
 from chatuie.records import IE_TASKS, Record, Schema
@@ -434,16 +435,7 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
         "logging_first_step": True,
         "save_strategy": "no",  # minutes-long run: a checkpoint costs more than a rerun
         "eval_strategy": "no",
-        "seed": settings.seed,
-        "data_seed": settings.seed,
-        # CPU-safe: TRL defaults to bf16 and gradient checkpointing; no trackers, no worker processes.
-        "use_cpu": settings.device == "cpu",
-        "bf16": False,
-        "fp16": False,
-        "activation_checkpointing": False,  # transformers 5 name; TRL's gradient_checkpointing=True is copied
-        "report_to": [],
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
+        **trainer_safety_args(settings.device, settings.seed),
     }
     kwargs.update(overrides)
     return RewardConfig(**kwargs)

@@ -32,6 +32,7 @@ import torch
 
 from chatuie.chat import ChatOptions
 from chatuie.judge import JudgeItem, reference_score
+from chatuie.modeling import trainer_safety_args
 from chatuie.output_format import ground
 from chatuie.records import Record, Schema
 from chatuie.reward import PairTokenizer, instructions, sample_records, score_sequences
@@ -294,16 +295,7 @@ def _trainer_args(config: RLConfig, output_dir: str | Path) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "logging_steps": config.logging_steps,
         "save_strategy": "no",
-        "seed": config.seed,
-        "data_seed": config.seed,
-        # TRL defaults to bf16 and gradient checkpointing (transformers 5: activation_checkpointing).
-        "use_cpu": config.device == "cpu",
-        "bf16": False,
-        "fp16": False,
-        "activation_checkpointing": False,
-        "report_to": [],
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
+        **trainer_safety_args(config.device, config.seed),
     }
 
 
