@@ -23,6 +23,7 @@ from chatuie.constrained import (
     complete_answer,
     constrained_generate,
     token_table,
+    word_edges,
 )
 from chatuie.output_format import ground
 from chatuie.records import Schema
@@ -194,7 +195,7 @@ def test_spans_close_only_on_whole_characters() -> None:
 
 def test_keys_with_quotes_and_non_ascii_are_json_escaped() -> None:
     schema = Schema(entities=['say"q', "a\\b", "人物"])
-    grammar = IEGrammar("ner", "abc", schema)
+    grammar = IEGrammar("ner", "abc", schema, span_boundaries="char")
     answer = json.dumps(
         {'say"q': ["a"], "a\\b": [], "人物": ["bc"]}, ensure_ascii=False, separators=(",", ":")
     )
@@ -239,6 +240,8 @@ def test_leading_space_option() -> None:
         ("ner", '{"PER":["张三"],"LOC":["北京"]}', '{"PER":["张三"],"LOC":["北京"]}'),
         ("ner", '{"PER":["张三"]} trailing', '{"PER":["张三"]}'),
         ("ner", '{"PER":["张三X"]}', '{"PER":["张三"]}'),  # cut at the first invalid byte
+        # A word cut in half is no span (with word boundaries, the default).
+        ("ner", '{"PER":["张三"],"LOC":["IB', '{"PER":["张三"],"LOC":[]}'),
         ("re", '{"entities":{"Peop":["John"]', '{"entities":{"Peop":["John"]},"relations":{}}'),
         (
             "re",
@@ -261,6 +264,9 @@ def test_leading_space_option() -> None:
 def test_completion_of_truncated_answers(task: str, partial: str, expected: str) -> None:
     schema = {"ner": NER, "re": RE, "ee": EE}[task]
     request = IERequest(task, TEXT, schema)
+    if '"I"' in expected:  # "I" of "IBM": a span only with character boundaries
+        assert complete_answer(request, partial) == expected.replace('{"head":"John","tail":"I"}', "")
+        request = IERequest(task, TEXT, schema, span_boundaries="char")
     assert complete_answer(request, partial) == expected
     assert ground(task, expected, TEXT, schema)["dropped"] == 0
 
@@ -365,7 +371,8 @@ def test_straddling_and_byte_tokens_on_a_handmade_vocabulary() -> None:
         b'":[',
     ]
     table = TokenTable(pieces, eos_ids=[0])
-    grammar = IEGrammar("ner", 'Beijing 北京 say "hi" in Beijing', Schema(entities=["LOC"]))
+    text = 'Beijing 北京 say "hi" in Beijing'
+    grammar = IEGrammar("ner", text, Schema(entities=["LOC"]), span_boundaries="char")
     ids = lambda state: {pieces[t] for t in grammar.allowed(state, table).ids}  # noqa: E731
     assert ids(grammar.initial) == {b"{", b'{"LOC":["'}
     in_span = grammar.advance(grammar.initial, b'{"LOC":["Beiji')
@@ -380,6 +387,58 @@ def test_straddling_and_byte_tokens_on_a_handmade_vocabulary() -> None:
     assert grammar.advance(grammar.initial, b'{"LOC":["say \\"hi\\""]}') is not None
     done = grammar.advance(grammar.initial, b'{"LOC":["ng"]}')
     assert grammar.is_complete(done) and ids(done) == set()
+    # With word boundaries (the default) "Beiji" may only go on, " Bei" may not start a span.
+    words = IEGrammar("ner", text, Schema(entities=["LOC"]))
+    in_word = words.advance(words.initial, b'{"LOC":["Beiji')
+    allowed = {pieces[t] for t in words.allowed(in_word, table).ids}
+    assert {b'ng"]', b'ng"]}', b"ng"} <= allowed and b'"]' not in allowed
+    start = words.advance(words.initial, b'{"LOC":["')
+    assert {b"Bei", "北".encode()} <= {pieces[t] for t in words.allowed(start, table).ids}
+    assert b" Bei" not in {pieces[t] for t in words.allowed(start, table).ids}
+
+
+@pytest.mark.parametrize(
+    ("span", "ok"),
+    [
+        ("John Smith", True),
+        ("Smith", True),
+        ("Smith,", True),
+        ("Mon.", True),
+        ("on", True),  # the last word (it is also inside "Mon")
+        ("2007年12月", True),
+        ("年", True),  # CJK characters are words of their own
+        ("12月 in", True),
+        ("Smi", False),
+        ("mith", False),
+        ("007", False),
+        (" Smith", False),
+        ("John ", False),
+        ("n S", False),
+        ("Mo", False),
+    ],
+)
+def test_word_boundaries(span: str, ok: bool) -> None:
+    text = "John Smith, 2007年12月 in Mon. on"
+    answer = json.dumps({"LOC": [span]}, ensure_ascii=False, separators=(",", ":")).encode()
+    assert IEGrammar("ner", text, Schema(entities=["LOC"])).accepts(answer) is ok
+    assert IEGrammar("ner", text, Schema(entities=["LOC"]), span_boundaries="char").accepts(answer)
+
+
+def test_unknown_span_boundaries_are_refused() -> None:
+    with pytest.raises(ValueError, match="span_boundaries"):
+        IEGrammar("ner", "abc", NER, span_boundaries="token")
+
+
+def _word_aligned(span: str, text: str) -> bool:
+    """Some occurrence of ``span`` starts and ends on word edges."""
+    starts, ends = word_edges(text)
+    data, piece = text.encode("utf-8", "surrogatepass"), span.encode("utf-8", "surrogatepass")
+    found = data.find(piece)
+    while found >= 0:
+        if found in starts and found + len(piece) in ends:
+            return True
+        found = data.find(piece, found + 1)
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +603,7 @@ def schemas(draw: st.DrawFn) -> tuple[Schema, Schema, Schema]:
     )
 
 
-def _check_answer(task: str, answer: str, text: str, schema: Schema) -> None:
+def _check_answer(task: str, answer: str, text: str, schema: Schema, boundaries: str = "char") -> None:
     data = json.loads(answer)
     assert answer == json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # compact
 
@@ -552,6 +611,7 @@ def _check_answer(task: str, answer: str, text: str, schema: Schema) -> None:
         assert isinstance(values, list)
         for span in values:
             assert isinstance(span, str) and span and span in text
+            assert boundaries == "char" or _word_aligned(span, text), span
 
     def entity_object(obj: object) -> None:
         assert isinstance(obj, dict)
@@ -589,6 +649,7 @@ def _check_answer(task: str, answer: str, text: str, schema: Schema) -> None:
     budget_aware=st.booleans(),
     # 0.02: near-uniform sampling among allowed tokens; 1.0: a peaked, opinionated random model.
     init_scale=st.sampled_from([0.02, 1.0]),
+    boundaries=st.sampled_from(["word", "char"]),
 )
 @settings(
     max_examples=80,
@@ -604,10 +665,14 @@ def test_random_model_always_produces_valid_grounded_answers(
     max_new_tokens: int,
     budget_aware: bool,
     init_scale: float,
+    boundaries: str,
 ) -> None:
     tokenizer, _ = tokenizer_and_model
     model = _tiny_llama(tokenizer, seed=seed % 1000, init_scale=init_scale)
-    requests = [IERequest(task, text, s) for task, s in zip(("ner", "re", "ee"), schema_triple, strict=True)]
+    requests = [
+        IERequest(task, text, s, span_boundaries=boundaries)
+        for task, s in zip(("ner", "re", "ee"), schema_triple, strict=True)
+    ]
     prompts = [f"{r.task} | {text} | {json.dumps(r.schema.to_dict(), ensure_ascii=False)}" for r in requests]
     torch.manual_seed(seed)
     answers = constrained_generate(
@@ -622,7 +687,7 @@ def test_random_model_always_produces_valid_grounded_answers(
         budget_aware=budget_aware,
     )
     for request, answer in zip(requests, answers, strict=True):
-        _check_answer(request.task, answer, text, request.schema)
+        _check_answer(request.task, answer, text, request.schema, boundaries)
 
 
 def test_greedy_generation_in_batches(tokenizer_and_model) -> None:
@@ -639,3 +704,10 @@ def test_greedy_generation_in_batches(tokenizer_and_model) -> None:
     assert answers == again  # greedy: batching and padding do not change the answers
     for request, answer in zip(requests, answers, strict=True):
         _check_answer(request.task, answer, request.text, request.schema)
+
+
+def test_grounding_prefers_occurrences_that_cut_no_word() -> None:
+    grounded = ground("ner", '{"LOC":["on","on"]}', "Mon. on", NER)
+    assert [(e.start, e.end) for e in grounded["entities"]] == [(5, 7), (5, 7)]
+    grounded = ground("ner", '{"LOC":["on"]}', "Mon.", NER)  # no whole-word occurrence: any one
+    assert [(e.start, e.end) for e in grounded["entities"]] == [(1, 3)]

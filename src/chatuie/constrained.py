@@ -7,7 +7,11 @@ for every row of a batch, the tokens that would leave the answer language of tha
   outside strings; EOS only once the JSON is complete, and then nothing but EOS (and pad);
 * every label / relation type / event type / role taken from the request's schema (roles from the
   event type's own roles), each key at most once within its object;
-* every span a non-empty substring of the request's text.
+* every span a non-empty substring of the request's text; with ``span_boundaries="word"`` (the
+  default) one that also starts and ends on word boundaries: never inside a run of letters or
+  digits of a space-separated script, never on a space. CJK ideographs, kana and hangul are each a
+  word of their own, so Chinese spans stay character-level. (Gold spans never cut a word; a model
+  that has not learnt where words end would otherwise close ``"S"`` of ``Smith``.)
 
 Everything runs over UTF-8 **bytes**, so the constraint holds whatever the tokenizer does with
 characters: a token is allowed iff its bytes take the grammar automaton from the current state to
@@ -52,6 +56,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from chatuie.output_format import is_word_char
 from chatuie.records import IE_TASKS, Schema
 
 __all__ = [
@@ -64,6 +69,7 @@ __all__ = [
     "constrained_generate",
     "ie_grammar",
     "token_table",
+    "word_edges",
 ]
 
 # A grammar state: (structure node, sub-state, used keys of the outer object, used keys of the
@@ -282,6 +288,63 @@ def token_table(tokenizer: Any) -> TokenTable:
 # The grammar automaton of one request
 
 
+SPAN_BOUNDARIES = ("word", "char")
+
+
+def word_edges(text: str) -> tuple[frozenset[int], frozenset[int]]:
+    """UTF-8 byte offsets where a word-aligned span may start, and where it may end."""
+    starts: set[int] = set()
+    ends: set[int] = set()
+    offset = 0
+    for i, ch in enumerate(text):
+        size = len(ch.encode("utf-8", "surrogatepass"))
+        if not ch.isspace():
+            word = is_word_char(ch)
+            if not (word and i > 0 and is_word_char(text[i - 1])):
+                starts.add(offset)
+            if not (word and i + 1 < len(text) and is_word_char(text[i + 1])):
+                ends.add(offset + size)
+        offset += size
+    return frozenset(starts), frozenset(ends)
+
+
+class _AlignedSpans:
+    """The substrings of ``data`` starting at an offset in ``starts``, as a DFA whose states are
+    the sets of end offsets of the span so far; state ``s`` may close iff ``final[s]`` (an end
+    offset in ``ends``). Built lazily, one state at a time: only the states decoding reaches (a
+    full construction is quadratic in the text for Chinese, where every offset is a start)."""
+
+    def __init__(self, data: bytes, starts: frozenset[int], ends: frozenset[int]) -> None:
+        self._data = data
+        self._ends = ends
+        self._ids: dict[frozenset[int], int] = {}
+        self._sets: list[frozenset[int]] = []
+        self._moves: list[dict[int, int] | None] = []
+        self.final: list[bool] = []
+        self._intern(frozenset(starts))
+        self.final[0] = False  # the empty span (its set is smaller than any non-empty one's)
+
+    def _intern(self, positions: frozenset[int]) -> int:
+        sid = self._ids.get(positions)
+        if sid is None:
+            sid = self._ids[positions] = len(self._sets)
+            self._sets.append(positions)
+            self._moves.append(None)
+            self.final.append(not self._ends.isdisjoint(positions))
+        return sid
+
+    def __getitem__(self, sid: int) -> dict[int, int]:
+        moves = self._moves[sid]
+        if moves is None:
+            data, size = self._data, len(self._data)
+            grouped: dict[int, list[int]] = {}
+            for position in self._sets[sid]:
+                if position < size:
+                    grouped.setdefault(data[position], []).append(position + 1)
+            moves = self._moves[sid] = {byte: self._intern(frozenset(ends)) for byte, ends in grouped.items()}
+        return moves
+
+
 def _suffix_automaton(data: bytes) -> list[dict[int, int]]:
     """Transitions of the suffix automaton of ``data``: paths from state 0 = its substrings."""
     nxt: list[dict[int, int]] = [{}]
@@ -345,6 +408,7 @@ class IERequest:
     task: str
     text: str
     schema: Schema
+    span_boundaries: str = "word"  # "word": spans never cut a word (see the module doc) | "char"
 
 
 def _id_tensor(ids: list[int], device: torch.device, vocab: int) -> torch.Tensor:
@@ -435,15 +499,33 @@ class _Allowed:
 class IEGrammar:
     """The byte automaton of the answers allowed for one (task, text, schema)."""
 
-    def __init__(self, task: str, text: str, schema: Schema, *, allow_leading_space: bool = False) -> None:
+    def __init__(
+        self,
+        task: str,
+        text: str,
+        schema: Schema,
+        *,
+        allow_leading_space: bool = False,
+        span_boundaries: str = "word",
+    ) -> None:
         if task not in IE_TASKS:
             raise ValueError(f"task {task!r} has no IE output format (expected one of {IE_TASKS})")
+        if span_boundaries not in SPAN_BOUNDARIES:
+            raise ValueError(f"span_boundaries: expected one of {SPAN_BOUNDARIES}, got {span_boundaries!r}")
         self.task = task
         self.text = text
         self.schema = schema
+        self.span_boundaries = span_boundaries
         self.text_bytes = text.encode("utf-8", "surrogatepass")
-        self._sam = _suffix_automaton(self.text_bytes)
-        root = self._sam[0]
+        # Span content: transitions per span state (0 = empty) and whether a span may end there.
+        self._spans: Any
+        if span_boundaries == "char":
+            self._spans = _suffix_automaton(self.text_bytes)
+            self._span_final: list[bool] = [False] + [True] * (len(self._spans) - 1)
+        else:
+            self._spans = _AlignedSpans(self.text_bytes, *word_edges(text))
+            self._span_final = self._spans.final
+        root = self._spans[0]
         self.spans_possible = any(b >= 0x20 and _utf8_tail(b) >= 0 for b in root)
 
         self._kind: list[int] = []
@@ -773,7 +855,7 @@ class IEGrammar:
         elif kind == _SPAN:
             for byte, nxt_sub in self._span_moves(sub).items():
                 out[byte] = (node, nxt_sub, used1, used2, event)
-            if sub >> 3 and not sub & 7:  # non-empty, whole characters, no open escape
+            if not sub & 7 and self._span_final[sub >> 3]:  # closable, no open character/escape
                 nxt = self._enter(self._next[node], used1, used2, event)
                 if nxt is not None:
                     out[_QUOTE] = nxt
@@ -786,7 +868,7 @@ class IEGrammar:
         if cached is not None:
             return cached
         sam, pending, escaped = sub >> 3, (sub >> 1) & 3, sub & 1
-        moves = self._sam[sam]
+        moves = self._spans[sam]
         out: dict[int, int] = {}
         if escaped:
             for byte in (_QUOTE, _BACKSLASH):
@@ -843,7 +925,7 @@ class IEGrammar:
         node, sub = state[0], state[1]
         kind = self._kind[node]
         if kind == _SPAN:
-            if sub >> 3 and not sub & 7:  # non-empty, whole characters, no open escape
+            if not sub & 7 and self._span_final[sub >> 3]:  # closable, no open character/escape
                 rest = self._closer[self._next[node]]
                 return None if rest is None else b'"' + rest
             return None
@@ -908,7 +990,7 @@ class IEGrammar:
             moves = self.transitions(state)
             if kind == _SPAN and sub & 7:  # mid-character / mid-escape: any way to finish it
                 options = list(moves.items())[:1]
-            elif kind == _SPAN and sub >> 3 and _QUOTE in moves:  # closing is never longer
+            elif kind == _SPAN and _QUOTE in moves:  # closing is never longer
                 options = [(_QUOTE, moves[_QUOTE])]
             else:
                 options = list(moves.items())
@@ -973,7 +1055,7 @@ class IEGrammar:
         if self._kind[state[0]] != _SPAN:
             return moves.items()
         sub = state[1]
-        if sub >> 3 and not sub & 7 and _QUOTE in moves:
+        if not sub & 7 and _QUOTE in moves:
             return [(_QUOTE, moves[_QUOTE])]  # closing is never longer than continuing
         if sub & 7:  # mid-character or mid-escape: any one way to finish it
             return list(moves.items())[:1]
@@ -986,9 +1068,11 @@ class IEGrammar:
         cached = self._need_cache.get(key)
         if cached is None:
             node, sub = state[0], state[1]
-            if self._kind[node] == _SPAN and sub >> 3 and table.has_all_bytes:
+            char_spans = self.span_boundaries == "char"
+            if self._kind[node] == _SPAN and sub >> 3 and table.has_all_bytes and char_spans:
                 # A non-empty span: finish the character or escape (one byte token each at most),
                 # then close. Shared by all span states of a slot, whatever their content.
+                # (Word-aligned spans may need the rest of a word first: the general bound below.)
                 after = self._enter(self._next[node], state[2], state[3], state[4])
                 if after is not None:
                     close_key = (table.uid, after, "close")
@@ -1096,7 +1180,8 @@ class IEGrammar:
         ids: list[int] = []
         subs: list[int] = []
         # Trie nodes where the span content is closable and some token continues with '"'.
-        closing: list[int] = [0] if sub >> 3 and not sub & 7 and _QUOTE in children[0] else []
+        final = self._span_final
+        closing: list[int] = [0] if not sub & 7 and final[sub >> 3] and _QUOTE in children[0] else []
         stack = [(0, sub)]
         while stack:
             trie_node, current = stack.pop()
@@ -1118,7 +1203,7 @@ class IEGrammar:
                 grand = children[child]
                 if grand:
                     stack.append((child, nxt))
-                    if nxt >> 3 and not nxt & 7 and _QUOTE in grand:
+                    if not nxt & 7 and final[nxt >> 3] and _QUOTE in grand:
                         closing.append(child)
         walk = per_table[sub] = _SpanWalk(ids, subs, closing)
         return walk
@@ -1135,11 +1220,16 @@ def ie_grammar(request: IERequest, *, allow_leading_space: bool = False) -> IEGr
         request.text,
         json.dumps(request.schema.to_dict(), ensure_ascii=False, sort_keys=True),
         allow_leading_space,
+        request.span_boundaries,
     )
     grammar = _GRAMMARS.get(key)
     if grammar is None:
         grammar = IEGrammar(
-            request.task, request.text, request.schema, allow_leading_space=allow_leading_space
+            request.task,
+            request.text,
+            request.schema,
+            allow_leading_space=allow_leading_space,
+            span_boundaries=request.span_boundaries,
         )
         _GRAMMARS[key] = grammar
         if len(_GRAMMARS) > _GRAMMAR_CACHE_SIZE:

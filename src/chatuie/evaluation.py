@@ -44,6 +44,12 @@ class EvalSettings:
     batch_size: int = 16
     webqa_max_new_tokens: int = 32
     max_chat_examples: int = 500  # per chat dataset, 0 = all
+    # Constrained spans: "word" = substrings that cut no word (CJK: any characters) | "char" = any
+    # substring (the paper's constraint). Both guarantee that no span is invented.
+    span_boundaries: str = "word"
+    # >1 discourages tokens already in the prompt or answer (transformers' repetition_penalty):
+    # a weak model otherwise lists one span dozens of times. Same value for both modes.
+    repetition_penalty: float = 1.0
     seed: int = 13
 
 
@@ -69,7 +75,14 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 @torch.no_grad()
-def generate_free(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_free(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    repetition_penalty: float = 1.0,
+) -> list[str]:
     """Unconstrained greedy decoding, left-padded batches."""
     tokenizer.padding_side = "left"
     outputs: list[str] = []
@@ -80,6 +93,7 @@ def generate_free(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            repetition_penalty=repetition_penalty,
         )
         new = generated[:, encoded["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -127,7 +141,10 @@ def evaluate_ie(
     if constrained:
         from chatuie.constrained import IERequest, constrained_generate
 
-        requests = [IERequest(task=task, text=r.text, schema=s) for r, s in jobs]
+        requests = [
+            IERequest(task=task, text=r.text, schema=s, span_boundaries=settings.span_boundaries)
+            for r, s in jobs
+        ]
         answers = []
         for start in tqdm(
             range(0, len(prompts), settings.batch_size), desc=f"{records[0].dataset} constrained"
@@ -140,6 +157,7 @@ def evaluate_ie(
                     requests[start : start + settings.batch_size],
                     max_new_tokens=settings.max_new_tokens,
                     batch_size=settings.batch_size,
+                    repetition_penalty=settings.repetition_penalty,
                 )
             )
     else:
@@ -152,6 +170,7 @@ def evaluate_ie(
                     prompts[start : start + settings.batch_size],
                     settings.max_new_tokens,
                     settings.batch_size,
+                    settings.repetition_penalty,
                 )
             )
 

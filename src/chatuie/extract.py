@@ -419,6 +419,7 @@ class ExtractSettings:
     max_labels_per_instruction: int = 4  # as samples.chat.max_labels_per_instruction in training
     context_tokens: int | None = None  # None: the model's max_position_embeddings
     overlap_tokens: int = 32  # tokens shared by consecutive windows
+    repetition_penalty: float = 1.3  # as evaluate.settings.repetition_penalty of the default params
     # How the model was taught to be asked (None: from the model directory / params.yaml).
     chat: ChatOptions | None = None
 
@@ -426,6 +427,8 @@ class ExtractSettings:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"{name} must be >= 1")
+        if self.repetition_penalty <= 0:
+            raise ExtractError("repetition_penalty must be > 0 (1 = none)")
         if self.max_labels_per_instruction < 0 or self.overlap_tokens < 0:
             raise ExtractError("max_labels_per_instruction and overlap_tokens must be >= 0")
         if self.context_tokens is not None and self.context_tokens < 1:
@@ -522,6 +525,7 @@ class Extractor:
             requests,
             max_new_tokens=self.settings.max_new_tokens,
             batch_size=batch_size,
+            repetition_penalty=self.settings.repetition_penalty,
         )
 
     def extract(self, text: str, schema: ExtractionSchema) -> dict[str, Any]:

@@ -62,8 +62,32 @@ def _entity_lists(entities: list[Entity], labels: list[str]) -> dict[str, list[s
     return out
 
 
+def _own_word(ch: str) -> bool:
+    """Characters that are a word by themselves (scripts written without spaces)."""
+    code = ord(ch)
+    return (
+        0x3040 <= code <= 0x30FF  # kana
+        or 0x3400 <= code <= 0x4DBF
+        or 0x4E00 <= code <= 0x9FFF
+        or 0xF900 <= code <= 0xFAFF
+        or 0xAC00 <= code <= 0xD7AF  # hangul
+        or 0x20000 <= code <= 0x3FFFF
+    )
+
+
+def is_word_char(ch: str) -> bool:
+    """Letters and digits of space-separated scripts: a span edge may not fall between two."""
+    return ch.isalnum() and not _own_word(ch)
+
+
+def cuts_word(text: str, offset: int) -> bool:
+    """Whether a span edge at character ``offset`` would fall inside a word."""
+    return 0 < offset < len(text) and is_word_char(text[offset - 1]) and is_word_char(text[offset])
+
+
 class _Grounder:
-    """Maps span strings to offsets: earliest occurrence not yet taken by the same key."""
+    """Maps span strings to offsets: the earliest occurrence not yet taken by the same key, one
+    that cuts no word first ("on" in "Mon. on" is the last word, not the end of "Mon")."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -72,15 +96,20 @@ class _Grounder:
     def __call__(self, span: str, key: str) -> tuple[int, int] | None:
         if not span:
             return None
+        occurrences = []
         start = self.text.find(span)
-        first = start
-        while start != -1 and start in self.taken[key]:
+        while start != -1:
+            occurrences.append(start)
             start = self.text.find(span, start + 1)
-        if start == -1:
-            start = first  # every occurrence used: a repeated mention, point at the first
-        if start == -1:
+        if not occurrences:
             return None
-        self.taken[key].add(start)
+        whole = [
+            o for o in occurrences if not cuts_word(self.text, o) and not cuts_word(self.text, o + len(span))
+        ]
+        taken = self.taken[key]
+        # Every occurrence used: a repeated mention, point at the first.
+        start = next((o for o in (whole or occurrences) if o not in taken), (whole or occurrences)[0])
+        taken.add(start)
         return start, start + len(span)
 
 

@@ -373,6 +373,7 @@ def _generate_chat(extractor: Extractor, request: dict[str, Any]) -> dict[str, A
             [IERequest(task, text, schema)],
             max_new_tokens=max_tokens,
             batch_size=1,
+            repetition_penalty=extractor.settings.repetition_penalty,
         )[0]
         completion_tokens = len(tokenizer(content, add_special_tokens=False)["input_ids"])
         finish = "stop"
