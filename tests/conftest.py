@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,9 +24,9 @@ def raw_dir() -> Path:
 @pytest.fixture()
 def subprocess_env() -> dict[str, str]:
     """Environment for running stages and tools from this venv in a subprocess."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    from pipeline_repo import tool_env
+
+    return tool_env()
 
 
 @pytest.fixture(scope="session")

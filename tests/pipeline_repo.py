@@ -27,17 +27,28 @@ PROJECT_FILES = [
 ]
 
 
-def tool_env() -> dict[str, str]:
-    env = dict(os.environ)
+def tool_env(*, clean: bool = False, **extra: str) -> dict[str, str]:
+    """The environment for dvc, stages and tools: this venv first on PATH, then ``extra``.
+
+    ``clean``: without inherited MLflow / chatuie / Prefect API settings, so a developer's shell
+    cannot point a tracked test run at a real store.
+    """
+    prefixes = ("MLFLOW_", "CHATUIE_", "PREFECT_API")
+    env = {k: v for k, v in os.environ.items() if not (clean and k.startswith(prefixes))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
     return env
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 900):
+    """Run a command that must succeed; the failure message carries its stderr and stdout."""
     proc = subprocess.run(
         args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}\n"
+        f"--- stdout:\n{proc.stdout[-3000:]}"
+    )
     return proc
 
 

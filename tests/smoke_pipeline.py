@@ -9,16 +9,14 @@ change copies of ``Smoke.snapshot``, the repo (store included) as that run left 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pipeline_repo import make_repo
+from pipeline_repo import make_repo, run, tool_env
 
 VENV_BIN = Path(sys.executable).parent
 FAKE_SECRET = "sk-chatuie-test-0123456789abcdef"  # exported as the judge key during the smoke run
@@ -37,22 +35,12 @@ _cache: dict[str, Smoke | BaseException] = {}
 
 
 def env(**extra: str) -> dict[str, str]:
-    """A clean environment for dvc and stages: this venv first, no inherited tracking settings."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CHATUIE_", "PREFECT_API"))}
-    out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
-    out.update(extra)
-    return out
+    """A clean environment for dvc and stages (no inherited tracking settings)."""
+    return tool_env(clean=True, **extra)
 
 
 def sh(args: list[str], cwd: Path, environ: dict[str, str] | None = None, timeout: int = 900) -> str:
-    proc = subprocess.run(
-        args, cwd=cwd, env=environ or env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}\n"
-        f"--- stdout:\n{proc.stdout[-3000:]}"
-    )
-    return proc.stdout
+    return run(args, cwd, environ or env(), timeout).stdout
 
 
 def commit(repo: Path, message: str) -> str:
