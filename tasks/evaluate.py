@@ -15,7 +15,14 @@ from pathlib import Path
 from _stage import run, section, set_threads
 
 from chatuie.chat import ChatOptions
-from chatuie.evaluation import EvalSettings, _subsample, evaluate_ceval, evaluate_ie, evaluate_webqa
+from chatuie.evaluation import (
+    EvalSettings,
+    _subsample,
+    evaluate_ceval,
+    evaluate_ie,
+    evaluate_webqa,
+    protocol_digest,
+)
 from chatuie.io import atomic_open, write_json, write_jsonl
 from chatuie.modeling import load_saved
 from chatuie.prepare import load_records
@@ -73,6 +80,7 @@ def main() -> None:
         ),
         "webqa_rouge1": metrics["chat"]["webqa"]["rouge1_char_f1"],
         "ceval_accuracy": metrics["chat"]["ceval"]["accuracy"],
+        "eval_protocol": protocol_digest(config.datasets, modes, settings),
     }
     metrics["seconds"] = round(time.monotonic() - started, 1)
     with atomic_open(out_dir / "per_label.csv") as handle:

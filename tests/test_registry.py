@@ -8,6 +8,7 @@ A LoRA adapter round trip runs on its own store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -52,6 +53,29 @@ PROD = {"mean_ie_f1": 40.0, "webqa_rouge1": 20.0, "ceval_accuracy": 50.0}
 def test_gate(candidate: dict, production: dict | None, promoted: bool, why: str) -> None:
     ok, reason = decide(candidate, production, POLICY)
     assert ok is promoted and why in reason, reason
+
+
+def test_gate_compares_only_scores_of_the_same_evaluation_protocol() -> None:
+    better = {**PROD, "mean_ie_f1": 45.0}
+    assert decide(better, PROD, POLICY, protocols=("abc", "abc"))[0]
+    ok, reason = decide(better, PROD, POLICY, protocols=("abc", "def"))
+    assert not ok and "not comparable: evaluated under protocol abc, production under def" in reason
+    ok, reason = decide(better, PROD, POLICY, protocols=("abc", None))  # production from before digests
+    assert not ok and "production under unrecorded" in reason
+    assert decide(better, None, POLICY, protocols=("abc", None))[0]  # a first model has nothing to match
+    lenient = dataclasses.replace(POLICY, allow_protocol_change=True)
+    ok, reason = decide(better, PROD, lenient, protocols=("abc", "def"))
+    assert ok and reason.endswith("evaluation protocol changed (allowed)")
+
+
+def test_protocol_digest_follows_what_decides_the_scores() -> None:
+    from chatuie.evaluation import EvalSettings, protocol_digest
+
+    base = protocol_digest(["resume"], ["constrained"], EvalSettings())
+    assert base == protocol_digest(["resume"], ["constrained"], EvalSettings())
+    assert base != protocol_digest(["resume"], ["constrained"], EvalSettings(repetition_penalty=1.3))
+    assert base != protocol_digest(["resume"], ["constrained"], EvalSettings(span_boundaries="char"))
+    assert base != protocol_digest(["resume", "fewfc"], ["constrained"], EvalSettings())
 
 
 # ------------------------------------------------------------------------------------ smoke registry

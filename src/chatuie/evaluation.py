@@ -53,6 +53,16 @@ class EvalSettings:
     seed: int = 13
 
 
+def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
+    """A short digest of what decides the scores (datasets, modes, records, decoding): two models'
+    metrics are comparable only under the same digest (the promotion gate checks it)."""
+    import dataclasses
+    import hashlib
+
+    described = {"datasets": datasets, "constraint_modes": constraint_modes, **dataclasses.asdict(settings)}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _subsample(records: list[Record], limit: int, seed: int) -> list[Record]:
     """A fixed, seeded subset (the same records for every model), kept in corpus order."""
     if not limit or len(records) <= limit:

@@ -829,6 +829,9 @@ class PromotionPolicy:
     # ...and these chat scores; their keys are also the chat metrics compared with production.
     floor_chat: dict[str, float] = field(default_factory=lambda: {"webqa_rouge1": 0.0, "ceval_accuracy": 0.0})
     ie_metric: str = "mean_ie_f1"
+    # True: compare scores although production was evaluated under another protocol (evaluate
+    # params changed since); a deliberate, reviewable choice for the one run after such a change.
+    allow_protocol_change: bool = False
 
 
 @dataclass(frozen=True)
@@ -840,13 +843,31 @@ class Decision:
     compared_to: int | None = None  # the production version it was measured against
 
 
+PROTOCOL_TAG = "eval_protocol"  # metrics/<model>.json summary -> version tag (evaluation.protocol_digest)
+
+
 def decide(
-    candidate: Mapping[str, float], production: Mapping[str, float] | None, policy: PromotionPolicy
+    candidate: Mapping[str, float],
+    production: Mapping[str, float] | None,
+    policy: PromotionPolicy,
+    *,
+    protocols: tuple[str | None, str | None] = (None, None),
 ) -> tuple[bool, str]:
-    """(promote?, why): the gate, on summary metrics (percent points, as evaluate writes them)."""
+    """(promote?, why): the gate, on summary metrics (percent points, as evaluate writes them).
+
+    ``protocols``: the candidate's and production's evaluation protocol digests; scores measured
+    under different ones (another decoding, other test records) are not compared at all.
+    """
     ie = policy.ie_metric
     if ie not in candidate:
         return False, f"candidate has no {ie} metric"
+    changed = production is not None and protocols[0] != protocols[1]
+    if changed and not policy.allow_protocol_change:
+        return False, (
+            f"not comparable: evaluated under protocol {protocols[0] or 'unrecorded'}, production under "
+            f"{protocols[1] or 'unrecorded'} (evaluate params differ); promote.allow_protocol_change "
+            "compares them anyway"
+        )
     failures: list[str] = []
     if production is None:
         if candidate[ie] < policy.floor_mean_ie_f1:
@@ -878,7 +899,8 @@ def decide(
         return False, "; ".join(failures)
     return (
         True,
-        f"{ie} gain {gain:+.2f} >= {policy.min_f1_gain:g}; chat drops within {policy.max_chat_drop:.1%}",
+        f"{ie} gain {gain:+.2f} >= {policy.min_f1_gain:g}; chat drops within {policy.max_chat_drop:.1%}"
+        + ("; evaluation protocol changed (allowed)" if changed else ""),
     )
 
 
@@ -940,11 +962,14 @@ def promote(
         current = _alias(client, name, PRODUCTION)
         if current == version:
             return Decision(version, True, PRODUCTION, "already production", current)
-        candidate = _metric_tags(client.get_model_version(name, str(version)).tags)
-        production = (
-            None if current is None else _metric_tags(client.get_model_version(name, str(current)).tags)
+        candidate_tags = client.get_model_version(name, str(version)).tags
+        production_tags = None if current is None else client.get_model_version(name, str(current)).tags
+        promoted, reason = decide(
+            _metric_tags(candidate_tags),
+            None if production_tags is None else _metric_tags(production_tags),
+            policy,
+            protocols=(candidate_tags.get(PROTOCOL_TAG), (production_tags or {}).get(PROTOCOL_TAG)),
         )
-        promoted, reason = decide(candidate, production, policy)
         decision = Decision(version, promoted, PRODUCTION if promoted else CANDIDATE, reason, current)
         if promoted:
             history = _history(client, name)
