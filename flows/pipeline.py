@@ -38,6 +38,10 @@ from chatuie.config import build, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "chatuie-pipeline"
+if str(ROOT / "tasks") not in sys.path:  # the stage entry points' shared module: stage names
+    sys.path.insert(0, str(ROOT / "tasks"))
+
+from _stage import stage_address  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,14 +74,6 @@ class StageNode:
     metrics: tuple[str, ...]  # its metrics files
 
 
-def _address(stage: Any, root: Path) -> str:
-    """What `dvc repro` run in ``root`` calls the stage (DVC's ``addressing`` is relative to cwd)."""
-    dvc_file = Path(stage.path).resolve()
-    if dvc_file.parent == root.resolve() and dvc_file.name == "dvc.yaml":
-        return stage.name
-    return f"{dvc_file.relative_to(root.resolve())}:{stage.name}"
-
-
 def stage_graph(root: str | Path = ROOT, targets: list[str] | None = None) -> list[StageNode]:
     """The stages with a command, in an order DVC would run them (dvc.yaml order among equals).
 
@@ -91,7 +87,7 @@ def stage_graph(root: str | Path = ROOT, targets: list[str] | None = None) -> li
         graph = repo.index.graph  # edges: stage -> a stage it depends on
         position = {stage: i for i, stage in enumerate(repo.index.stages)}
         selected = {s for s in graph.nodes if getattr(s, "cmd", None)}
-        name = {s: _address(s, root) for s in selected}
+        name = {s: stage_address(s, root) for s in selected}
         if targets:
             wanted = {
                 s for s in selected if any(name[s] == t or name[s].startswith(f"{t}@") for t in targets)

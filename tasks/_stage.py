@@ -92,8 +92,9 @@ def _same_command(cmd: str | list[str], wdir: Path) -> bool:
     return False
 
 
-def _address(stage: Any, root: Path) -> str:
-    """The stage's name as `dvc repro` in the root calls it (DVC's ``addressing`` follows the cwd)."""
+def stage_address(stage: Any, root: Path) -> str:
+    """A DVC stage's name as `dvc repro` run in ``root`` calls it ("sft", "evaluate@sft"; DVC's own
+    ``addressing`` follows the cwd). Also the flows' task names (flows/pipeline.py)."""
     dvc_file = Path(stage.path).resolve()
     if dvc_file == root.resolve() / "dvc.yaml":
         return stage.name
@@ -113,7 +114,7 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
         root = Path(repo.root_dir)
         stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
         if name:
-            matches = [s for s in stages if _address(s, root) == name]
+            matches = [s for s in stages if stage_address(s, root) == name]
             if not matches:
                 raise TrackingError(f"no stage {name!r} in {root / 'dvc.yaml'}")
         else:
@@ -121,7 +122,7 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
         if not matches:
             return None
         if len(matches) > 1:
-            names = ", ".join(_address(s, root) for s in matches)
+            names = ", ".join(stage_address(s, root) for s in matches)
             raise TrackingError(
                 f"this command is the cmd of several stages ({names}): pass run(main, stage=...)"
             )
@@ -143,7 +144,7 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
             elif not out.persist:  # persistent outputs (checkpoints, the judge cache) outlive runs
                 outs.append(out.def_path)
         cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
-        info = StageInfo(_address(stage, root), cmd, params, deps, metrics, plots, outs)
+        info = StageInfo(stage_address(stage, root), cmd, params, deps, metrics, plots, outs)
     except DvcException as err:
         raise TrackingError(f"reading the stage from dvc.yaml failed: {err}") from err
     finally:

@@ -86,7 +86,7 @@ def test_decontamination_removes_test_texts(records) -> None:
 
 
 def test_repeat_samples_copy_training_texts() -> None:
-    from chatuie.chat import REPEAT_TASK, TEXT_PREFIX, ie_user_prompt, messages_for, repeat_samples
+    from chatuie.chat import REPEAT_TASK, TEXT_LINE, ie_user_prompt, messages_for, repeat_samples
     from chatuie.records import Schema
 
     texts = ["张三在北京工作。", "John lives in Paris .", "张三在北京工作。"]
@@ -98,6 +98,6 @@ def test_repeat_samples_copy_training_texts() -> None:
     assert sorted(r["messages"][-1]["content"] for r in rows) == sorted(set(texts))  # distinct, IE only
     for row in rows:
         user, answer = row["messages"][0]["content"], row["messages"][-1]["content"]
-        assert user == f"{REPEAT_TASK}{TEXT_PREFIX}{answer}"
+        assert user == f"{REPEAT_TASK}\n{TEXT_LINE}{answer}"
     assert repeat_samples(samples, 1, seed=1) == repeat_samples(samples, 1, seed=1)
     assert len(repeat_samples(samples, 1, seed=1)) == 1

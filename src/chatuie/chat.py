@@ -97,6 +97,7 @@ def instruction_schemas(record: Record, options: ChatOptions, *, train: bool) ->
 
 DEFAULT_OPTIONS = ChatOptions()
 PROMPT_FILE = "chatuie_prompt.json"
+TEXT_LINE = "Text: "  # the last line of an IE instruction starts with this, then the input text
 
 
 def save_prompt_options(model_dir: str | Path, options: ChatOptions) -> Path:
@@ -147,11 +148,10 @@ def ie_user_prompt(task: str, text: str, schema: Schema, options: ChatOptions = 
             lines.append(f"Event types: {json.dumps(list(schema.events), ensure_ascii=False)}")
     if options.format_hint:
         lines.append(f"Answer in JSON: {_FORMAT_HINT[task]}")
-    lines.append(f"Text: {text}")
+    lines.append(f"{TEXT_LINE}{text}")
     return "\n".join(lines)
 
 
-TEXT_PREFIX = "\nText: "
 REPEAT_TASK = "Task: repeat the text exactly."
 
 
@@ -167,7 +167,7 @@ def repeat_samples(samples: Iterable[dict[str, Any]], count: int, seed: int = 13
         for s in samples
         if s.get("task") in ("ner", "re", "ee")
     )
-    texts = sorted({u.partition(TEXT_PREFIX)[2] for u in users} - {""})
+    texts = sorted({u.partition(f"\n{TEXT_LINE}")[2] for u in users} - {""})
     rng = random.Random(seed)
     chosen = rng.sample(texts, min(count, len(texts)))
     return [
@@ -175,7 +175,7 @@ def repeat_samples(samples: Iterable[dict[str, Any]], count: int, seed: int = 13
             "id": f"repeat-{i:05d}",
             "dataset": "repeat",
             "task": "repeat",
-            "messages": messages_for(f"{REPEAT_TASK}{TEXT_PREFIX}{text}", text, system_prompt=False),
+            "messages": messages_for(f"{REPEAT_TASK}\n{TEXT_LINE}{text}", text, system_prompt=False),
         }
         for i, text in enumerate(chosen)
     ]

@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -56,10 +57,7 @@ class EvalSettings:
 def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
     """A short digest of what decides the scores (datasets, modes, records, decoding): two models'
     metrics are comparable only under the same digest (the promotion gate checks it)."""
-    import dataclasses
-    import hashlib
-
-    described = {"datasets": datasets, "constraint_modes": constraint_modes, **dataclasses.asdict(settings)}
+    described = {"datasets": datasets, "constraint_modes": constraint_modes, **asdict(settings)}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -45,7 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatuie.chat import DEFAULT_OPTIONS, SYSTEM_PROMPT, ChatOptions, ie_user_prompt
+from chatuie.chat import DEFAULT_OPTIONS, SYSTEM_PROMPT, TEXT_LINE, ChatOptions, ie_user_prompt
 from chatuie.extract import ExtractError, ExtractionSchema, Extractor, SchemaError
 from chatuie.records import Schema
 
@@ -248,10 +248,10 @@ def parse_ie_prompt(content: str, chat: ChatOptions = DEFAULT_OPTIONS) -> tuple[
     task = _TASKS.get(lines[0][len("Task: ") : -1])
     if task is None:
         return None
-    text_at = next((i for i, line in enumerate(lines) if line.startswith("Text: ")), None)
+    text_at = next((i for i, line in enumerate(lines) if line.startswith(TEXT_LINE)), None)
     if text_at is None:
         return None
-    text = "\n".join(lines[text_at:])[len("Text: ") :]
+    text = "\n".join(lines[text_at:])[len(TEXT_LINE) :]
     headers = {}
     for line in lines[1:text_at]:
         name, sep, value = line.partition(": ")

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chatuie.io import write_json
+
 if TYPE_CHECKING:  # mlflow is imported lazily, inside the functions that need it
     from mlflow.tracking import MlflowClient
 
@@ -132,14 +134,9 @@ def _client(root: str | Path | None = None) -> MlflowClient:
     # The fluent API (model logging, artifact downloads) reads these globals. MLflow also exports
     # them as MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI for subprocesses: undone, so a long-lived
     # process (a flow) neither sends its stages to this store nor ignores the next root.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with _env_restored("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -343,12 +340,6 @@ def _batched(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _weights_inside(path: Path) -> bool:
-    if path.is_file():
-        return path.suffix in WEIGHT_SUFFIXES
-    return any(p.suffix in WEIGHT_SUFFIXES for p in path.rglob("*") if p.is_file())
-
-
 def _files(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
@@ -530,7 +521,7 @@ class _StageTracker:
                 continue
             files = _files(local)
             total = sum(f.stat().st_size for f in files)
-            if _weights_inside(local):
+            if any(f.suffix in WEIGHT_SUFFIXES for f in files):
                 log.info("artifacts: %s holds model weights, not logged (models go to the registry)", path)
             elif total > MAX_OUT_BYTES:
                 log.info(
@@ -757,9 +748,9 @@ def _register_adapter(
 
 
 @contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+def _env_restored(*keys: str) -> Iterator[None]:
+    """These environment variables as they were before the block, whatever it set."""
+    saved = {k: os.environ.get(k) for k in keys}
     try:
         yield
     finally:
@@ -768,6 +759,13 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    with _env_restored(*values):
+        os.environ.update(values)
+        yield
 
 
 def download_model(uri: str, dst: str | Path | None = None, *, root: str | Path | None = None) -> Path:
@@ -790,7 +788,7 @@ def download_model(uri: str, dst: str | Path | None = None, *, root: str | Path 
     if note_path.exists() and (local / "base").is_dir():
         note = json.loads(note_path.read_text(encoding="utf-8"))
         note["base"] = str((local / "base").resolve())  # the bundled base, wherever it landed
-        note_path.write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
+        write_json(note_path, note)
     return local
 
 
@@ -809,10 +807,9 @@ def _assemble_flavor_dir(local: Path) -> Path:
                 shutil.copy2(file, model_dir / file.name)
     meta = (yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8")) or {}).get("metadata") or {}
     note = meta.get("chatuie_model") or {"kind": "full", "dtype": "float32"}
-    (model_dir / NOTE_FILE).write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
+    write_json(model_dir / NOTE_FILE, note)
     if meta.get("chatuie_prompt"):
-        prompt = json.dumps(meta["chatuie_prompt"], indent=2) + "\n"
-        (model_dir / PROMPT_FILE).write_text(prompt, encoding="utf-8")
+        write_json(model_dir / PROMPT_FILE, meta["chatuie_prompt"])
     return model_dir
 
 
