@@ -139,41 +139,52 @@ def _grammar(task: str, text: str = TEXT, schema: Schema | None = None) -> IEGra
 @pytest.mark.parametrize(
     ("task", "answer", "ok"),
     [
-        ("ner", "{}", True),
+        ("ner", '{"PER":[],"LOC":[]}', True),
         ("ner", '{"PER":["张三"],"LOC":[]}', True),
-        ("ner", '{"LOC":["北京","在"],"PER":["John"]}', True),
-        ("ner", '{"PER":["说\\"你"]}', True),  # text '"' escaped, one character of the text
-        ("ner", '{"PER":["IBM\\\\x"]}', True),  # text '\' escaped
-        ("ner", '{"PER":["李四"]}', True),
-        ("ner", '{"PER":["x.\\n李"]}', False),  # control characters cannot be spanned
-        ("ner", '{"PER":["说"你"]}', False),  # an unescaped quote closes the span
-        ("ner", '{"PER":["\\u5f20"]}', False),  # only \" and \\ escapes
-        ("ner", '{"PER":[""]}', False),  # spans are non-empty
-        ("ner", '{"PER":["张四"]}', False),  # not a substring
-        ("ner", '{"ORG":[]}', False),  # not in the schema
-        ("ner", '{"PER":[],"PER":[]}', False),  # a key at most once
-        ("ner", '{ "PER":[]}', False),  # compact: no whitespace outside strings
-        ("ner", '{"PER":[] }', False),
-        ("ner", '{"PER":["张三",]}', False),
-        ("ner", '{"PER":["张三"]', False),  # incomplete
-        ("re", '{"entities":{},"relations":{}}', True),
+        ("ner", '{"PER":["John"],"LOC":["北京","在"]}', True),
+        ("ner", '{"PER":["说\\"你"],"LOC":[]}', True),  # text '"' escaped, one character of the text
+        ("ner", '{"PER":["IBM\\\\x"],"LOC":[]}', True),  # text '\' escaped
+        ("ner", '{"PER":["李四"],"LOC":[]}', True),
+        ("ner", '{"PER":["x.\\n李"],"LOC":[]}', False),  # control characters cannot be spanned
+        ("ner", '{"PER":["说"你"],"LOC":[]}', False),  # an unescaped quote closes the span
+        ("ner", '{"PER":["\\u5f20"],"LOC":[]}', False),  # only \" and \\ escapes
+        ("ner", '{"PER":[""],"LOC":[]}', False),  # spans are non-empty
+        ("ner", '{"PER":["张四"],"LOC":[]}', False),  # not a substring
+        ("ner", "{}", False),  # every label is listed ...
+        ("ner", '{"PER":[]}', False),
+        ("ner", '{"LOC":[],"PER":[]}', False),  # ... in the schema's order
+        ("ner", '{"PER":[],"ORG":[]}', False),  # not in the schema
+        ("ner", '{"PER":[],"PER":[],"LOC":[]}', False),  # a key once
+        ("ner", '{ "PER":[],"LOC":[]}', False),  # compact: no whitespace outside strings
+        ("ner", '{"PER":[],"LOC":[] }', False),
+        ("ner", '{"PER":["张三",],"LOC":[]}', False),
+        ("ner", '{"PER":["张三"],"LOC":[]', False),  # incomplete
+        ("re", '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[],"Live_In":[]}}', True),
         (
             "re",
             '{"entities":{"Peop":["John"],"Org":["IBM"]},'
             '"relations":{"Work_For":[{"head":"John","tail":"IBM"}],"Live_In":[]}}',
             True,
         ),
-        ("re", '{"entities":{"Work_For":[]},"relations":{}}', False),
-        ("re", '{"entities":{},"relations":{"Peop":[]}}', False),
-        ("re", '{"entities":{},"relations":{"Work_For":[{"head":"John"}]}}', False),
-        ("re", '{"relations":{},"entities":{}}', False),
-        ("ee", "{}", True),
-        ("ee", '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"],"date":[]}}]}', True),
+        ("re", '{"entities":{},"relations":{}}', False),
+        ("re", '{"entities":{"Peop":[],"Org":[]},"relations":{"Live_In":[],"Work_For":[]}}', False),
+        ("re", '{"entities":{"Peop":[],"Work_For":[]},"relations":{"Work_For":[],"Live_In":[]}}', False),
+        (
+            "re",
+            '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[{"head":"John"}],"Live_In":[]}}',
+            False,
+        ),
+        ("re", '{"relations":{"Work_For":[],"Live_In":[]},"entities":{"Peop":[],"Org":[]}}', False),
+        ("ee", '{"质押":[],"收购":[]}', True),
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"],"date":[]}}],"收购":[]}', True),
         ("ee", '{"质押":[],"收购":[{"trigger":"北京","arguments":{}}]}', True),
-        ("ee", '{"质押":[{"trigger":"说","arguments":{"obj":["张三"]}}]}', False),  # wrong role
-        ("ee", '{"质押":[{"trigger":"说","arguments":{"date":[],"date":[]}}]}', False),
-        ("ee", '{"质押":[{"trigger":"","arguments":{}}]}', False),
-        ("ee", '{"质押":[{"arguments":{},"trigger":"说"}]}', False),
+        ("ee", "{}", False),
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"obj":["张三"]}}],"收购":[]}', False),  # wrong role
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"date":[],"date":[]}}],"收购":[]}', False),
+        # Roles are optional but come in the event type's order.
+        ("ee", '{"质押":[{"trigger":"说","arguments":{"date":[],"sub-org":["张三"]}}],"收购":[]}', False),
+        ("ee", '{"质押":[{"trigger":"","arguments":{}}],"收购":[]}', False),
+        ("ee", '{"质押":[{"arguments":{},"trigger":"说"}],"收购":[]}', False),
     ],
 )
 def test_grammar_accepts_exactly_the_format(task: str, answer: str, ok: bool) -> None:
@@ -188,7 +199,7 @@ def test_spans_close_only_on_whole_characters() -> None:
     state = grammar.advance(grammar.initial, b'{"PER":["' + zhang[:2])
     assert state is not None
     assert grammar.step(state, ord('"')) is None  # mid-character
-    assert grammar.advance(state, zhang[2:] + b'"]}') is not None
+    assert grammar.advance(state, zhang[2:] + b'"],"LOC":[]}') is not None
     # A span cannot start with a continuation byte even where those bytes occur in the text.
     assert grammar.advance(grammar.initial, b'{"PER":["' + zhang[1:]) is None
 
@@ -206,58 +217,71 @@ def test_keys_with_quotes_and_non_ascii_are_json_escaped() -> None:
 def test_text_without_spannable_characters_allows_only_empty_lists() -> None:
     for text in ["", "\n\t\n"]:
         ner = IEGrammar("ner", text, NER)
-        assert ner.accepts(b'{"PER":[]}')
+        assert ner.accepts(b'{"PER":[],"LOC":[]}')
         assert ner.transitions(ner.advance(ner.initial, b'{"PER":[')).keys() == {ord("]")}
         re_ = IEGrammar("re", text, RE)
-        state = re_.advance(re_.initial, b'{"entities":{},"relations":{"Work_For":[')
+        state = re_.advance(re_.initial, b'{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[')
         assert set(re_.transitions(state)) == {ord("]")}
         ee = IEGrammar("ee", text, EE)
         state = ee.advance(ee.initial, '{"质押":['.encode())
         assert set(ee.transitions(state)) == {ord("]")}
 
 
-def test_all_keys_used_closes_the_object() -> None:
-    grammar = IEGrammar("ner", "abc", Schema(entities=["A"]))
+def test_keys_follow_the_schema_order() -> None:
+    grammar = IEGrammar("ner", "abc", Schema(entities=["A", "B"]))
+    assert set(grammar.transitions(grammar.initial)) == {ord("{")}
+    state = grammar.advance(grammar.initial, b"{")
+    assert set(grammar.transitions(state)) == {ord('"')}
     state = grammar.advance(grammar.initial, b'{"A":[]')
+    assert set(grammar.transitions(state)) == {ord(",")}  # "B" must follow
+    state = grammar.advance(grammar.initial, b'{"A":[],"B":[]')
     assert set(grammar.transitions(state)) == {ord("}")}
+    # An empty schema asks for nothing: "{}".
+    assert IEGrammar("ner", "abc", Schema(entities=[])).accepts(b"{}")
 
 
 def test_leading_space_option() -> None:
-    assert not _grammar("ner").accepts(b' {"PER":[]}')
+    empty = b'{"PER":[],"LOC":[]}'
+    assert not _grammar("ner").accepts(b" " + empty)
     grammar = IEGrammar("ner", TEXT, NER, allow_leading_space=True)
-    assert grammar.accepts(b' {"PER":[]}') and grammar.accepts(b'{"PER":[]}')
-    assert not grammar.accepts(b'  {"PER":[]}')
+    assert grammar.accepts(b" " + empty) and grammar.accepts(empty)
+    assert not grammar.accepts(b"  " + empty)
 
 
 @pytest.mark.parametrize(
     ("task", "partial", "expected"),
     [
-        ("ner", "", "{}"),
-        ("ner", '{"PER":["张', '{"PER":["张"]}'),  # a valid span is closed where it stands
-        ("ner", '{"PER":["张三","', '{"PER":["张三"]}'),  # an empty span is dropped
-        ("ner", '{"PER":["张三","说\\', '{"PER":["张三"]}'),  # so is an open escape
-        ("ner", '{"PER":["张三"],"LO', '{"PER":["张三"]}'),  # and a partial key
+        ("ner", "", '{"PER":[],"LOC":[]}'),
+        ("ner", '{"PER":["张', '{"PER":["张"],"LOC":[]}'),  # a valid span is closed where it stands
+        ("ner", '{"PER":["张三","', '{"PER":["张三"],"LOC":[]}'),  # an empty span is dropped
+        ("ner", '{"PER":["张三","说\\', '{"PER":["张三"],"LOC":[]}'),  # so is an open escape
+        ("ner", '{"PER":["张三"],"LO', '{"PER":["张三"],"LOC":[]}'),  # a partial key is finished
         ("ner", '{"PER":["张三"],"LOC":["北京"]}', '{"PER":["张三"],"LOC":["北京"]}'),
-        ("ner", '{"PER":["张三"]} trailing', '{"PER":["张三"]}'),
-        ("ner", '{"PER":["张三X"]}', '{"PER":["张三"]}'),  # cut at the first invalid byte
+        ("ner", '{"PER":["张三"],"LOC":[]} trailing', '{"PER":["张三"],"LOC":[]}'),
+        ("ner", '{"PER":["张三X"]}', '{"PER":["张三"],"LOC":[]}'),  # cut at the first invalid byte
         # A word cut in half is no span (with word boundaries, the default).
         ("ner", '{"PER":["张三"],"LOC":["IB', '{"PER":["张三"],"LOC":[]}'),
-        ("re", '{"entities":{"Peop":["John"]', '{"entities":{"Peop":["John"]},"relations":{}}'),
         (
             "re",
-            '{"entities":{},"relations":{"Work_For":[{"head":"John","tail":"I',
-            '{"entities":{},"relations":{"Work_For":[{"head":"John","tail":"I"}]}}',
+            '{"entities":{"Peop":["John"]',
+            '{"entities":{"Peop":["John"],"Org":[]},"relations":{"Work_For":[],"Live_In":[]}}',
         ),
         (
             "re",
-            '{"entities":{},"relations":{"Work_For":[{"head":"Jo',
-            '{"entities":{},"relations":{"Work_For":[]}}',
+            '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[{"head":"John","tail":"I',
+            '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[{"head":"John","tail":"I"}],'
+            '"Live_In":[]}}',
         ),
-        ("ee", '{"质押":[{"trigger":"说', '{"质押":[{"trigger":"说","arguments":{}}]}'),
+        (
+            "re",
+            '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[{"head":"Jo',
+            '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[],"Live_In":[]}}',
+        ),
+        ("ee", '{"质押":[{"trigger":"说', '{"质押":[{"trigger":"说","arguments":{}}],"收购":[]}'),
         (
             "ee",
             '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"],"da',
-            '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"]}}]}',
+            '{"质押":[{"trigger":"说","arguments":{"sub-org":["张三"]}}],"收购":[]}',
         ),
     ],
 )
@@ -455,7 +479,7 @@ def test_eos_only_when_complete(tokenizer_and_model) -> None:
     eos = tokenizer.eos_token_id
     request = IERequest("ner", "John lives in Beijing", NER)
     processor = IEConstraintProcessor(tokenizer, [request])
-    answer_ids = table.greedy_tokens(b'{"PER":["John"]}')
+    answer_ids = table.greedy_tokens(b'{"PER":["John"],"LOC":[]}')
     prompt = [5, 6, 7]
     vocab = len(tokenizer) + 3  # models often have padded embedding rows
     for k in range(len(answer_ids) + 2):
@@ -467,13 +491,13 @@ def test_eos_only_when_complete(tokenizer_and_model) -> None:
             assert max(allowed) < len(tokenizer)
         else:
             assert allowed <= {eos, tokenizer.pad_token_id} and eos in allowed
-    assert processor.completed_texts() == ['{"PER":["John"]}']
+    assert processor.completed_texts() == ['{"PER":["John"],"LOC":[]}']
 
 
 def test_leading_space_is_allowed_on_request_and_stripped(tokenizer_and_model) -> None:
     tokenizer, _ = tokenizer_and_model
     table = token_table(tokenizer)
-    answer = table.greedy_tokens(b' {"PER":["John"]}')
+    answer = table.greedy_tokens(b' {"PER":["John"],"LOC":[]}')
     request = IERequest("ner", "John", NER)
     strict = IEConstraintProcessor(tokenizer, [request])
     scores = _step_scores(strict, [[1]], len(tokenizer))
@@ -481,7 +505,7 @@ def test_leading_space_is_allowed_on_request_and_stripped(tokenizer_and_model) -
     lenient = IEConstraintProcessor(tokenizer, [request], allow_leading_space=True)
     scores = _step_scores(lenient, [[1]], len(tokenizer))
     assert torch.isfinite(scores[0, answer[0]])
-    assert lenient.finalize(torch.tensor([[1, *answer]])) == ['{"PER":["John"]}']
+    assert lenient.finalize(torch.tensor([[1, *answer]])) == ['{"PER":["John"],"LOC":[]}']
 
 
 def test_processor_batches_rows_independently(tokenizer_and_model) -> None:
@@ -490,8 +514,8 @@ def test_processor_batches_rows_independently(tokenizer_and_model) -> None:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     requests = [IERequest("ner", "John", NER), IERequest("ee", "质押", EE)]
     processor = IEConstraintProcessor(tokenizer, requests, prompt_length=2)
-    short = table.greedy_tokens(b"{}") + [eos]
-    long = table.greedy_tokens('{"质押":[{"'.encode())
+    short = table.greedy_tokens(b'{"PER":[],"LOC":[]}') + [eos]
+    long = table.greedy_tokens('{"质押":[{"trigger":"质押","arguments":{"sub-org":["质押"],"'.encode())
     width = max(len(short), len(long))
     rows = [
         [pad, 1, *short, *[pad] * (width - len(short))],
@@ -501,8 +525,63 @@ def test_processor_batches_rows_independently(tokenizer_and_model) -> None:
     scores = _step_scores(processor, rows, len(tokenizer))
     finite = [set(torch.isfinite(scores[r]).nonzero().flatten().tolist()) for r in range(2)]
     assert finite[0] == {eos, pad}  # a finished row only gets EOS / pad
-    assert eos not in finite[1] and table.greedy_tokens(b"trigger")[0] in finite[1]
-    assert processor.completed_texts() == ["{}", '{"质押":[]}']
+    assert eos not in finite[1] and table.greedy_tokens(b"date")[0] in finite[1]
+    assert processor.completed_texts() == [
+        '{"PER":[],"LOC":[]}',
+        '{"质押":[{"trigger":"质押","arguments":{"sub-org":["质押"]}}],"收购":[]}',
+    ]
+
+
+def _allowed_after(tokenizer, request: IERequest, prefix: str) -> list[bytes]:
+    """The bytes of every token the processor allows after ``prefix`` of the answer."""
+    table = token_table(tokenizer)
+    processor = IEConstraintProcessor(tokenizer, [request], prompt_length=1)
+    ids = [1, *table.greedy_tokens(prefix.encode())]
+    scores = _step_scores(processor, [ids], len(tokenizer))
+    assert processor.completed_texts()[0].startswith(prefix.split(',"')[0])  # the prefix was consumed
+    return [table.token_bytes[t] for t in torch.isfinite(scores[0]).nonzero().flatten().tolist()]
+
+
+def test_a_list_names_a_mention_once_per_occurrence(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    schema = Schema(entities=["PER"])
+    closes = lambda allowed: any(t.startswith(b'"') for t in allowed)  # noqa: E731
+    # "John met ...": a repeated "John" may still grow into "John met", so closing it is banned.
+    once = IERequest("ner", "John met Mary there", schema)
+    assert closes(_allowed_after(tokenizer, once, '{"PER":["John'))
+    assert not closes(_allowed_after(tokenizer, once, '{"PER":["John","John'))  # John occurs once
+    assert closes(_allowed_after(tokenizer, once, '{"PER":["John","Mary'))
+    twice = IERequest("ner", "John met John there", schema)
+    assert closes(_allowed_after(tokenizer, twice, '{"PER":["John","John'))
+    assert not closes(_allowed_after(tokenizer, twice, '{"PER":["John","John","John'))
+    # A repeat that cannot grow (the text ends) is let through rather than leave no token.
+    assert closes(
+        _allowed_after(tokenizer, IERequest("ner", "Mary met John", schema), '{"PER":["John","John')
+    )
+    # Another list starts afresh.
+    two_labels = IERequest("ner", "John met Mary there", Schema(entities=["PER", "LOC"]))
+    assert closes(_allowed_after(tokenizer, two_labels, '{"PER":["John"],"LOC":["John'))
+
+
+def test_relation_arguments_are_entities_of_the_answer(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    request = IERequest("re", "John works for IBM in Paris", RE)
+    entities = '{"entities":{"Peop":["John"],"Org":["IBM"]},"relations":{"Work_For":[{"head":"'
+
+    def fits(allowed: list[bytes], spans: set[bytes]) -> bool:
+        for token in allowed:
+            before = token.split(b'"')[0]
+            if not any(s.startswith(before) and (b'"' not in token or before == s) for s in spans):
+                return False
+        return bool(allowed)
+
+    assert fits(_allowed_after(tokenizer, request, entities), {b"John", b"IBM"})
+    assert fits(_allowed_after(tokenizer, request, entities + "J"), {b"ohn"})
+    # The tail is another entity than the head.
+    assert fits(_allowed_after(tokenizer, request, entities + 'John","tail":"'), {b"IBM"})
+    # No entities listed: nothing to choose from, the grammar alone rules (any substring).
+    bare = '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[{"head":"'
+    assert not fits(_allowed_after(tokenizer, request, bare), {b"John", b"IBM"})
 
 
 def test_num_return_sequences_rows_share_a_request(tokenizer_and_model) -> None:
@@ -535,10 +614,10 @@ def test_beam_search_rows_are_resynchronised(tokenizer_and_model) -> None:
         padding=True,
         padding_side="left",
     )
-    processor = IEConstraintProcessor(tokenizer, requests, max_new_tokens=30)
+    processor = IEConstraintProcessor(tokenizer, requests, max_new_tokens=60)
     out = model.generate(
         **encoded,
-        max_new_tokens=30,
+        max_new_tokens=60,
         num_beams=3,
         num_return_sequences=2,
         do_sample=False,
@@ -615,8 +694,8 @@ def _check_answer(task: str, answer: str, text: str, schema: Schema, boundaries:
 
     def entity_object(obj: object) -> None:
         assert isinstance(obj, dict)
-        for label, values in obj.items():
-            assert label in schema.entities
+        assert list(obj) == list(dict.fromkeys(schema.entities))  # every label, in order
+        for values in obj.values():
             spans(values)
 
     if task == "ner":
@@ -624,19 +703,20 @@ def _check_answer(task: str, answer: str, text: str, schema: Schema, boundaries:
     elif task == "re":
         assert list(data) == ["entities", "relations"]
         entity_object(data["entities"])
-        for label, items in data["relations"].items():
-            assert label in schema.relations
+        assert list(data["relations"]) == list(dict.fromkeys(schema.relations))
+        for items in data["relations"].values():
             for item in items:
                 assert list(item) == ["head", "tail"]
                 spans([item["head"], item["tail"]])
     else:
+        assert list(data) == list(dict.fromkeys(schema.events))
         for label, items in data.items():
-            assert label in schema.events
             for item in items:
                 assert list(item) == ["trigger", "arguments"]
                 spans([item["trigger"]])
-                for role, values in item["arguments"].items():
-                    assert role in schema.events[label]
+                roles = list(dict.fromkeys(schema.events[label]))
+                assert list(item["arguments"]) == [r for r in roles if r in item["arguments"]]  # in order
+                for values in item["arguments"].values():
                     spans(values)
     assert ground(task, answer, text, schema)["dropped"] == 0
 

@@ -5,8 +5,9 @@ for every row of a batch, the tokens that would leave the answer language of tha
 
 * compact JSON of the documented output format (:mod:`chatuie.output_format`), no whitespace
   outside strings; EOS only once the JSON is complete, and then nothing but EOS (and pad);
-* every label / relation type / event type / role taken from the request's schema (roles from the
-  event type's own roles), each key at most once within its object;
+* every label / relation type / event type of the request's schema exactly once, in the schema's
+  order (the model never chooses keys, only what each list holds); roles from the event type's
+  own roles, each at most once and in that type's order;
 * every span a non-empty substring of the request's text; with ``span_boundaries="word"`` (the
   default) one that also starts and ends on word boundaries: never inside a run of letters or
   digits of a space-separated script, never on a space. CJK ideographs, kana and hangul are each a
@@ -35,6 +36,12 @@ any prefix validly (an open span is closed at its current content when that is a
 non-empty substring, otherwise the answer drops back to the last point where it can be closed
 without inventing anything). With ``max_new_tokens`` the processor is also budget-aware: near
 the end it only allows tokens after which the answer can still be closed in the tokens left.
+
+Rules that depend on what a row already wrote (no grammar state could hold them) are applied by
+the processor, :meth:`IEConstraintProcessor._row_rules`: a list names each mention once per
+occurrence in the text, and a relation's head and tail are spans of the answer's own entity block
+(the tail another than the head). They give way when they would leave no token, and near the end
+of the token budget.
 
 Limitations: the answer must start with ``{`` (``allow_leading_space`` admits one space first,
 for sentencepiece chat models that put ``▁{`` after the prompt); beam search works (reordered
@@ -72,14 +79,13 @@ __all__ = [
     "word_edges",
 ]
 
-# A grammar state: (structure node, sub-state, used keys of the outer object, used keys of the
-# inner object, event type index). The sub-state is a key-trie node in key slots and
+# A grammar state: (structure node, sub-state, roles used in the current arguments object). The
+# sub-state is a key-trie node in key slots and
 # ``sam_state << 3 | pending_utf8_bytes << 1 | in_escape`` in span slots.
-State = tuple[int, int, int, int, int]
+State = tuple[int, int, int]
 
 _LIT, _KEY, _SPAN, _DONE = 0, 1, 2, 3
 _QUOTE, _BACKSLASH = 0x22, 0x5C
-_KEEP_ALL = (True, True, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +403,25 @@ def _dedupe(labels: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
+def _unescape(span: bytes) -> bytes:
+    """Span bytes as written in the answer (``\\"``, ``\\\\``) -> the text's bytes."""
+    return span.replace(b"\\\\", b"\x00").replace(b'\\"', b'"').replace(b"\x00", b"\\")
+
+
+def _before_quote(data: bytes, escaped: bool) -> bytes | None:
+    """The span content a token adds before its closing quote (``None``: it has none)."""
+    i = 0
+    while i < len(data):
+        if escaped:
+            escaped = False
+        elif data[i] == _BACKSLASH:
+            escaped = True
+        elif data[i] == _QUOTE:
+            return data[:i]
+        i += 1
+    return None
+
+
 def _json_key(label: str) -> bytes:
     return json.dumps(label, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
@@ -470,8 +495,8 @@ class _Allowed:
     def states(self) -> list[State]:
         if self._states is None:
             assert self._span is not None
-            (node, _, used1, used2, event), inside, _, crossing_states = self._span
-            self._states = [(node, sub, used1, used2, event) for sub in inside.subs]
+            (node, _, used), inside, _, crossing_states = self._span
+            self._states = [(node, sub, used) for sub in inside.subs]
             self._states += crossing_states
         return self._states
 
@@ -531,16 +556,20 @@ class IEGrammar:
         self._kind: list[int] = []
         self._lits: list[dict[int, int]] = []
         self._next: list[int] = []  # key / span slots: the node after the closing quote
-        self._key_root: list[int] = []  # -1: the role trie of the current event type
-        self._key_level: list[int] = []  # which used-keys mask (1 outer, 2 inner)
-        self._key_sets_event: list[bool] = []
-        self._reset: list[int] = []  # clear mask 1 or 2 on entering
-        self._keep: list[tuple[bool, bool, bool]] = []  # which of (used1, used2, event) matter
+        self._key_root: list[int] = []  # key slots: the root of their label trie
+        self._reset: list[bool] = []  # the used-roles mask starts empty on entering
+        self._keep: list[bool] = []  # whether the used-roles mask matters here
         self._kt_children: list[dict[int, int]] = []
         self._kt_mask: list[int] = []  # bitmask of the labels below a key-trie node
         self._kt_label: list[int] = []  # label index completed at this node (after its quote)
-        self._role_roots: list[int] = []
-        self.done = self._node(_DONE, keep=(False, False, False))
+        # For the processor's per-row rules (see IEConstraintProcessor): the span slots of span
+        # lists (entities, arguments), the "[" of those lists, the head / tail slots of relations.
+        self.listed_spans: set[int] = set()
+        self.list_starts: set[int] = set()
+        self.relation_args: set[int] = set()
+        self.relation_heads: set[int] = set()
+        self._occurrences: dict[bytes, int] = {}
+        self.done = self._node(_DONE, keep=False)
         start = {"ner": self._build_ner, "re": self._build_re, "ee": self._build_ee}[task]()
         if allow_leading_space:  # a single space before "{" (sentencepiece chat answers)
             pre = self._node(_LIT)
@@ -555,7 +584,7 @@ class IEGrammar:
         longest_literal = max(len(c) for c in self._closer if c is not None)
         self.max_completion_bytes = longest_label + longest_literal + 64
 
-        self._enter_cache: dict[tuple[int, int, int, int], State | None] = {}
+        self._enter_cache: dict[tuple[int, int], State | None] = {}
         self._trans_cache: dict[State, dict[int, State]] = {}
         self._span_move_cache: dict[int, dict[int, int]] = {}
         self._span_walk_cache: dict[int, dict[int, _SpanWalk]] = {}
@@ -564,7 +593,7 @@ class IEGrammar:
         self._ext_active: set[State] = set()
         self._key_suffix_cache: dict[tuple[int, int], bytes | None] = {}
         self._need_cache: dict[tuple[Any, ...], int] = {}
-        initial = self._enter(start, 0, 0, -1)
+        initial = self._enter(start, 0)
         if initial is None:  # cannot happen: "{}" (or the re skeleton) is always possible
             raise RuntimeError("the answer grammar has no valid answer")
         self.initial: State = initial
@@ -575,18 +604,16 @@ class IEGrammar:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _node(self, kind: int, *, reset: int = 0, keep: tuple[bool, bool, bool] = _KEEP_ALL) -> int:
+    def _node(self, kind: int, *, reset: bool = False, keep: bool = True) -> int:
         self._kind.append(kind)
         self._lits.append({})
         self._next.append(-1)
         self._key_root.append(-1)
-        self._key_level.append(0)
-        self._key_sets_event.append(False)
         self._reset.append(reset)
         self._keep.append(keep)
         return len(self._kind) - 1
 
-    def _lit(self, src: int, data: bytes, dst: int, keep: tuple[bool, bool, bool] = _KEEP_ALL) -> None:
+    def _lit(self, src: int, data: bytes, dst: int, keep: bool = True) -> None:
         """Literal ``data`` from ``src`` to ``dst`` (intermediate nodes created as needed)."""
         node = src
         for i, byte in enumerate(data):
@@ -622,151 +649,129 @@ class IEGrammar:
             self._kt_label[node] = index
         return root
 
-    def _key_node(
-        self,
-        root: int,
-        level: int,
-        after: int,
-        *,
-        sets_event: bool = False,
-        keep: tuple[bool, bool, bool] = _KEEP_ALL,
-    ) -> int:
-        node = self._node(_KEY, keep=keep)
+    def _key_node(self, root: int, after: int) -> int:
+        node = self._node(_KEY)
         self._key_root[node] = root
-        self._key_level[node] = level
-        self._key_sets_event[node] = sets_event
         self._next[node] = after
         return node
 
-    def _span_node(self, after: int, keep: tuple[bool, bool, bool] = _KEEP_ALL) -> int:
+    def _span_node(self, after: int, keep: bool = True) -> int:
         node = self._node(_SPAN, keep=keep)
         self._next[node] = after
         return node
 
-    def _entity_object(self, labels: list[str], after_close: int) -> int:
-        """``{"LABEL":[SPAN,...],...}`` after its "{"; returns the node right after "{"."""
-        first = self._node(_LIT)  # after "{"
-        again = self._node(_LIT)  # after "," between keys
-        after_key = self._node(_LIT)
-        key = self._key_node(self._key_trie(labels), 1, after_key)
-        list_start = self._node(_LIT)
-        after_item = self._node(_LIT)
-        list_again = self._node(_LIT)
-        after_list = self._node(_LIT)
-        span = self._span_node(after_item)
-        self._lit(first, b"}", after_close)
-        self._lit(first, b'"', key)
-        self._lit(again, b'"', key)
-        self._lit(after_key, b":[", list_start)
+    def _span_list(self, list_start: int, after_list: int, keep: bool = True) -> None:
+        """``[SPAN,...]`` after its "[" (``list_start``), ending at ``after_list``."""
+        after_item = self._node(_LIT, keep=keep)
+        list_again = self._node(_LIT, keep=keep)
+        span = self._span_node(after_item, keep=keep)
+        self.list_starts.add(list_start)
+        self.listed_spans.add(span)
         self._lit(list_start, b"]", after_list)
         self._lit(list_start, b'"', span)
         self._lit(after_item, b",", list_again)
         self._lit(after_item, b"]", after_list)
         self._lit(list_again, b'"', span)
-        self._lit(after_list, b",", again)
-        self._lit(after_list, b"}", after_close)
+
+    def _label_lists(
+        self,
+        labels: list[str],
+        fill: Any,
+        after_close: int,
+        keep: bool = True,
+    ) -> int:
+        """``"L1":[...],"L2":[...]}`` after an object's "{": every label exactly once, in the
+        schema's order (the documented format), so the model never chooses keys, only what each
+        list holds. ``fill(index, list_start, after_list)`` wires a list's items. Returns the node
+        right after "{"."""
+        first = self._node(_LIT, keep=keep)
+        node = first
+        for index, label in enumerate(labels):
+            list_start = self._node(_LIT, keep=keep)
+            after_list = self._node(_LIT, keep=keep)
+            self._lit(node, (b"," if index else b"") + _json_key(label) + b":[", list_start, keep=keep)
+            fill(index, list_start, after_list)
+            node = after_list
+        self._lit(node, b"}", after_close, keep=keep)
         return first
 
     def _build_ner(self) -> int:
         start = self._node(_LIT)
-        self._lit(start, b"{", self._entity_object(_dedupe(self.schema.entities), self.done))
+        labels = _dedupe(self.schema.entities)
+        self._lit(start, b"{", self._label_lists(labels, lambda _, s, e: self._span_list(s, e), self.done))
         return start
 
     def _build_re(self) -> int:
         start = self._node(_LIT)
         entities_done = self._node(_LIT)
-        self._lit(
-            start,
-            b'{"entities":{',
-            self._entity_object(_dedupe(self.schema.entities), entities_done),
-        )
-        first = self._node(_LIT, reset=1)  # after '"relations":{': relation keys start unused
-        again = self._node(_LIT)
         relations_done = self._node(_LIT)  # after the relations object's "}"
-        after_key = self._node(_LIT)
-        key = self._key_node(self._key_trie(_dedupe(self.schema.relations)), 1, after_key)
-        list_start = self._node(_LIT)
-        item = self._node(_LIT)  # after "{" of a relation
-        after_head = self._node(_LIT)
-        after_tail = self._node(_LIT)
-        after_item = self._node(_LIT)
-        list_again = self._node(_LIT)
-        after_list = self._node(_LIT)
-        head = self._span_node(after_head)
-        tail = self._span_node(after_tail)
-        self._lit(entities_done, b',"relations":{', first)
-        self._lit(first, b"}", relations_done)
-        self._lit(first, b'"', key)
-        self._lit(again, b'"', key)
+
+        def relation_list(_: int, list_start: int, after_list: int) -> None:
+            item = self._node(_LIT)  # after "{" of a relation
+            after_head = self._node(_LIT)
+            after_tail = self._node(_LIT)
+            after_item = self._node(_LIT)
+            list_again = self._node(_LIT)
+            head = self._span_node(after_head)
+            tail = self._span_node(after_tail)
+            self.relation_args.update((head, tail))
+            self.relation_heads.add(head)
+            self._lit(list_start, b"]", after_list)
+            self._lit(list_start, b"{", item)
+            self._lit(item, b'"head":"', head)
+            self._lit(after_head, b',"tail":"', tail)
+            self._lit(after_tail, b"}", after_item)
+            self._lit(after_item, b",", list_again)
+            self._lit(after_item, b"]", after_list)
+            self._lit(list_again, b"{", item)
+
+        entity_lists = self._label_lists(
+            _dedupe(self.schema.entities), lambda _, s, e: self._span_list(s, e), entities_done
+        )
+        self._lit(start, b'{"entities":{', entity_lists)
+        relation_lists = self._label_lists(_dedupe(self.schema.relations), relation_list, relations_done)
+        self._lit(entities_done, b',"relations":{', relation_lists)
         self._lit(relations_done, b"}", self.done)
-        self._lit(after_key, b":[", list_start)
-        self._lit(list_start, b"]", after_list)
-        self._lit(list_start, b"{", item)
-        self._lit(item, b'"head":"', head)
-        self._lit(after_head, b',"tail":"', tail)
-        self._lit(after_tail, b"}", after_item)
-        self._lit(after_item, b",", list_again)
-        self._lit(after_item, b"]", after_list)
-        self._lit(list_again, b"{", item)
-        self._lit(after_list, b",", again)
-        self._lit(after_list, b"}", relations_done)
         return start
 
     def _build_ee(self) -> int:
         types = _dedupe(self.schema.events)
-        self._role_roots = [self._key_trie(_dedupe(self.schema.events[t])) for t in types]
-        # Where the used-roles mask (and, outside an event item, the event type) cannot matter,
-        # states drop them so that equal futures share one cache entry.
-        outer = (True, False, False)
-        in_item = (True, False, True)
+        # Only the used-roles mask of an event's arguments object matters; everywhere else states
+        # drop it so that equal futures share one cache entry.
+        outer = False
         start = self._node(_LIT, keep=outer)
-        first = self._node(_LIT, keep=outer)  # after "{"
-        again = self._node(_LIT, keep=outer)
-        after_key = self._node(_LIT, keep=in_item)
-        key = self._key_node(self._key_trie(types), 1, after_key, sets_event=True, keep=outer)
-        list_start = self._node(_LIT, keep=in_item)
-        item = self._node(_LIT, keep=in_item)  # after "{" of an event
-        after_trigger = self._node(_LIT, keep=in_item)
-        args_first = self._node(_LIT, reset=2)  # after '"arguments":{'
-        args_again = self._node(_LIT)
-        args_done = self._node(_LIT, keep=in_item)  # after the arguments' "}"
-        role_after_key = self._node(_LIT)
-        role_key = self._key_node(-1, 2, role_after_key)
-        role_list = self._node(_LIT)
-        role_after_item = self._node(_LIT)
-        role_list_again = self._node(_LIT)
-        role_after_list = self._node(_LIT)
-        role_span = self._span_node(role_after_item)
-        after_item = self._node(_LIT, keep=in_item)
-        list_again = self._node(_LIT, keep=in_item)
-        after_list = self._node(_LIT, keep=outer)
-        trigger = self._span_node(after_trigger, keep=in_item)
-        self._lit(start, b"{", first)
-        self._lit(first, b"}", self.done)
-        self._lit(first, b'"', key)
-        self._lit(again, b'"', key)
-        self._lit(after_key, b":[", list_start, keep=in_item)
-        self._lit(list_start, b"]", after_list)
-        self._lit(list_start, b"{", item)
-        self._lit(item, b'"trigger":"', trigger, keep=in_item)
-        self._lit(after_trigger, b',"arguments":{', args_first, keep=in_item)
-        self._lit(args_first, b"}", args_done)
-        self._lit(args_first, b'"', role_key)
-        self._lit(args_again, b'"', role_key)
-        self._lit(role_after_key, b":[", role_list)
-        self._lit(role_list, b"]", role_after_list)
-        self._lit(role_list, b'"', role_span)
-        self._lit(role_after_item, b",", role_list_again)
-        self._lit(role_after_item, b"]", role_after_list)
-        self._lit(role_list_again, b'"', role_span)
-        self._lit(role_after_list, b",", args_again)
-        self._lit(role_after_list, b"}", args_done)
-        self._lit(args_done, b"}", after_item)
-        self._lit(after_item, b",", list_again)
-        self._lit(after_item, b"]", after_list)
-        self._lit(list_again, b"{", item)
-        self._lit(after_list, b",", again)
-        self._lit(after_list, b"}", self.done)
+
+        def event_list(index: int, list_start: int, after_list: int) -> None:
+            role_root = self._key_trie(_dedupe(self.schema.events[types[index]]))
+            item = self._node(_LIT, keep=outer)  # after "{" of an event
+            after_trigger = self._node(_LIT, keep=outer)
+            args_first = self._node(_LIT, reset=True)  # after '"arguments":{'
+            args_again = self._node(_LIT)
+            args_done = self._node(_LIT, keep=outer)  # after the arguments' "}"
+            role_after_key = self._node(_LIT)
+            role_key = self._key_node(role_root, role_after_key)
+            role_list = self._node(_LIT)
+            role_after_list = self._node(_LIT)
+            after_item = self._node(_LIT, keep=outer)
+            list_again = self._node(_LIT, keep=outer)
+            trigger = self._span_node(after_trigger, keep=outer)
+            self._lit(list_start, b"]", after_list)
+            self._lit(list_start, b"{", item)
+            self._lit(item, b'"trigger":"', trigger, keep=outer)
+            self._lit(after_trigger, b',"arguments":{', args_first, keep=outer)
+            self._lit(args_first, b"}", args_done)
+            self._lit(args_first, b'"', role_key)
+            self._lit(args_again, b'"', role_key)
+            self._lit(role_after_key, b":[", role_list)
+            self._span_list(role_list, role_after_list)
+            self._lit(role_after_list, b",", args_again)
+            self._lit(role_after_list, b"}", args_done)
+            self._lit(args_done, b"}", after_item)
+            self._lit(after_item, b",", list_again)
+            self._lit(after_item, b"]", after_list)
+            self._lit(list_again, b"{", item)
+
+        self._lit(start, b"{", self._label_lists(types, event_list, self.done, keep=outer))
         return start
 
     def _literal_closers(self) -> list[bytes | None]:
@@ -791,32 +796,22 @@ class IEGrammar:
 
     # -- stepping -----------------------------------------------------------------------------
 
-    def _enter(self, node: int, used1: int, used2: int, event: int) -> State | None:
+    def _enter(self, node: int, used: int) -> State | None:
         """The state on entering ``node``, or ``None`` when no complete answer follows."""
-        key = (node, used1, used2, event)
+        key = (node, used)
         if key in self._enter_cache:
             return self._enter_cache[key]
-        reset = self._reset[node]
-        if reset == 1:
-            used1 = 0
-        elif reset == 2:
-            used2 = 0
-        keep1, keep2, keep_event = self._keep[node]
-        used1 = used1 if keep1 else 0
-        used2 = used2 if keep2 else 0
-        event = event if keep_event else -1
+        if self._reset[node] or not self._keep[node]:
+            used = 0
         kind = self._kind[node]
-        state: State | None = (node, 0, used1, used2, event)
+        state: State | None = (node, 0, used)
         if kind == _LIT:
             # The grammar has no cycle through literal nodes only, so this recursion ends.
-            if not any(self._enter(d, used1, used2, event) for d in self._lits[node].values()):
+            if not any(self._enter(d, used) for d in self._lits[node].values()):
                 state = None
         elif kind == _KEY:
             root = self._key_root[node]
-            if root < 0:
-                root = self._role_roots[event] if event >= 0 else -1
-            used = used1 if self._key_level[node] == 1 else used2
-            state = (node, root, used1, used2, event) if root >= 0 and self._kt_mask[root] & ~used else None
+            state = (node, root, used) if self._kt_mask[root] & ~used else None
         elif kind == _SPAN:
             state = state if self.spans_possible else None
         self._enter_cache[key] = state
@@ -827,36 +822,31 @@ class IEGrammar:
         cached = self._trans_cache.get(state)
         if cached is not None:
             return cached
-        node, sub, used1, used2, event = state
+        node, sub, used = state
         kind = self._kind[node]
         out: dict[int, State] = {}
         if kind == _LIT:
             for byte, dst in self._lits[node].items():
-                nxt = self._enter(dst, used1, used2, event)
+                nxt = self._enter(dst, used)
                 if nxt is not None:
                     out[byte] = nxt
         elif kind == _KEY:
-            level = self._key_level[node]
-            free = ~(used1 if level == 1 else used2)
             for byte, child in self._kt_children[sub].items():
-                if not self._kt_mask[child] & free:
+                if not self._kt_mask[child] & ~used:
                     continue
                 label = self._kt_label[child]
                 if label < 0:
-                    out[byte] = (node, child, used1, used2, event)
+                    out[byte] = (node, child, used)
                     continue
-                bit = 1 << label
-                new1, new2 = (used1 | bit, used2) if level == 1 else (used1, used2 | bit)
-                nxt = self._enter(
-                    self._next[node], new1, new2, label if self._key_sets_event[node] else event
-                )
+                # Roles come in schema order (the documented format): the ones before are done.
+                nxt = self._enter(self._next[node], used | (2 << label) - 1)
                 if nxt is not None:
                     out[byte] = nxt
         elif kind == _SPAN:
             for byte, nxt_sub in self._span_moves(sub).items():
-                out[byte] = (node, nxt_sub, used1, used2, event)
+                out[byte] = (node, nxt_sub, used)
             if not sub & 7 and self._span_final[sub >> 3]:  # closable, no open character/escape
-                nxt = self._enter(self._next[node], used1, used2, event)
+                nxt = self._enter(self._next[node], used)
                 if nxt is not None:
                     out[_QUOTE] = nxt
         self._trans_cache[state] = out
@@ -902,6 +892,18 @@ class IEGrammar:
             state = nxt
         return state
 
+    def occurrences(self, span: bytes) -> int:
+        """How often ``span`` (as written in the answer, JSON-escaped) occurs in the text."""
+        count = self._occurrences.get(span)
+        if count is None:
+            needle, text = _unescape(span), self.text_bytes
+            count, at = 0, text.find(needle)
+            while at != -1 and needle:
+                count += 1
+                at = text.find(needle, at + 1)
+            self._occurrences[span] = count
+        return count
+
     def is_complete(self, state: State) -> bool:
         return state[0] == self.done
 
@@ -911,6 +913,9 @@ class IEGrammar:
         return state is not None and self.is_complete(state)
 
     # -- completion ---------------------------------------------------------------------------
+
+    def is_span(self, node: int) -> bool:
+        return self._kind[node] == _SPAN
 
     def is_safe(self, state: State) -> bool:
         """A point outside spans and keys from which literal bytes complete the answer."""
@@ -983,7 +988,7 @@ class IEGrammar:
             result: bytes | None = self._closer[node]
         elif kind == _KEY and self._closer[self._next[node]] is not None:
             # The rest of the shortest label still free, then literals (the same for any label).
-            free = ~(state[2] if self._key_level[node] == 1 else state[3])
+            free = ~state[2]
             suffix = self._shortest_key_suffix(sub, free)
             result = None if suffix is None else suffix + self._closer[self._next[node]]
         else:
@@ -1073,7 +1078,7 @@ class IEGrammar:
                 # A non-empty span: finish the character or escape (one byte token each at most),
                 # then close. Shared by all span states of a slot, whatever their content.
                 # (Word-aligned spans may need the rest of a word first: the general bound below.)
-                after = self._enter(self._next[node], state[2], state[3], state[4])
+                after = self._enter(self._next[node], state[2])
                 if after is not None:
                     close_key = (table.uid, after, "close")
                     closing = self._need_cache.get(close_key)
@@ -1108,7 +1113,7 @@ class IEGrammar:
         if self._kind[node] == _SPAN:
             inside = self._span_walk(state[1], table)
             if inside.closing:
-                after = self._enter(self._next[node], state[2], state[3], state[4])
+                after = self._enter(self._next[node], state[2])
                 if after is not None:
                     children, node_ids = table.children, table.node_ids
                     stack: list[tuple[int, State]] = []
@@ -1218,7 +1223,7 @@ def ie_grammar(request: IERequest, *, allow_leading_space: bool = False) -> IEGr
     key = (
         request.task,
         request.text,
-        json.dumps(request.schema.to_dict(), ensure_ascii=False, sort_keys=True),
+        json.dumps(request.schema.to_dict(), ensure_ascii=False),  # label order matters
         allow_leading_space,
         request.span_boundaries,
     )
@@ -1264,7 +1269,18 @@ def complete_answer(request: IERequest, partial: str | bytes) -> str:
 class _Row:
     """Decoding progress of one batch row."""
 
-    __slots__ = ("grammar", "state", "out", "finished", "safe_len", "safe_state")
+    __slots__ = (
+        "grammar",
+        "state",
+        "out",
+        "finished",
+        "safe_len",
+        "safe_state",
+        "span_start",
+        "listed",
+        "entities",
+        "head",
+    )
 
     def __init__(self, grammar: IEGrammar) -> None:
         self.grammar = grammar
@@ -1273,6 +1289,33 @@ class _Row:
         self.finished = False
         self.safe_len = 0
         self.safe_state = grammar.initial
+        self.span_start = 0  # where the open span's content starts in ``out``
+        self.listed: dict[bytes, int] = {}  # spans (as written) of the open list, with counts
+        self.entities: set[bytes] = set()  # every span listed so far (re: the entity block)
+        self.head = b""  # the head of the relation being written
+
+    def step(self, byte: int) -> bool:
+        """Consume one byte; ``False`` (nothing changed) if the grammar does not allow it."""
+        grammar, state = self.grammar, self.state
+        nxt = grammar.transitions(state).get(byte)
+        if nxt is None:
+            return False
+        if nxt[0] != state[0]:
+            if state[0] in grammar.listed_spans:  # this byte is the closing quote
+                span = bytes(self.out[self.span_start :])
+                self.listed[span] = self.listed.get(span, 0) + 1
+                self.entities.add(span)
+            elif state[0] in grammar.relation_heads:
+                self.head = bytes(self.out[self.span_start :])
+            if nxt[0] in grammar.list_starts:
+                self.listed.clear()
+            elif grammar.is_span(nxt[0]):
+                self.span_start = len(self.out) + 1
+        self.state = nxt
+        self.out.append(byte)
+        if grammar.is_safe(nxt):
+            self.safe_len, self.safe_state = len(self.out), nxt
+        return True
 
 
 class IEConstraintProcessor(LogitsProcessor):
@@ -1341,16 +1384,10 @@ class IEConstraintProcessor(LogitsProcessor):
         if not data:
             row.finished = True  # a special token: the answer ends (and is completed) here
             return
-        grammar, out = row.grammar, row.out
         for byte in data:
-            nxt = grammar.transitions(row.state).get(byte)
-            if nxt is None:  # forced past the mask (another processor): keep the valid prefix
+            if not row.step(byte):  # forced past the mask (another processor): keep the valid prefix
                 row.finished = True
                 return
-            row.state = nxt
-            out.append(byte)
-            if grammar.is_safe(nxt):
-                row.safe_len, row.safe_state = len(out), nxt
 
     def _catch_up(self, input_ids: torch.Tensor) -> int:
         """Advance every row by the tokens generated since the last call."""
@@ -1418,7 +1455,56 @@ class IEConstraintProcessor(LogitsProcessor):
                     return entry.tensor(device, vocab, cut)
         if not entry:  # the vocabulary cannot continue: end here, finalize() completes
             return self._constant("eos", self.eos_ids, device, vocab)
+        node = state[0]
+        if (node in grammar.listed_spans and row.listed) or (node in grammar.relation_args and row.entities):
+            narrowed = self._row_rules(row, entry, device, vocab)
+            if narrowed is not None:
+                return narrowed
         return entry.tensor(device, vocab)
+
+    def _row_rules(self, row: _Row, entry: _Allowed, device: torch.device, vocab: int) -> torch.Tensor | None:
+        """Rules that depend on what the row already wrote, so no grammar state can hold them:
+
+        * a list names each mention once: a span already in its list may close again only while
+          the text has more occurrences of it (``"Theatre"`` twice needs it twice in the text);
+        * a relation's head and tail are spans of the answer's own entity block, so each carries
+          its type (strict scoring needs it), and the tail is not the head.
+
+        ``None`` (no narrowing) when a rule would leave no token: the grammar alone then rules.
+        """
+        grammar, state = row.grammar, row.state
+        assert entry._span is not None  # span states keep their walk split in inside / crossing
+        _, inside, crossing, _ = entry._span
+        written = bytes(row.out[row.span_start :])
+        escaped = bool(state[1] & 1)
+        token_bytes = self.table.token_bytes
+        if state[0] in grammar.listed_spans:
+            spent = {span for span, n in row.listed.items() if n >= grammar.occurrences(span)}
+            keep = [
+                t for t in crossing if written + (_before_quote(token_bytes[t], escaped) or b"") not in spent
+            ]
+            if len(keep) == len(crossing) or not (keep or inside.ids):
+                return None
+            return torch.cat([inside.tensor(device, vocab), _id_tensor(keep, device, vocab)])
+        # A relation argument: only the rest of an entity, then the quote.
+        candidates = row.entities
+        if state[0] not in grammar.relation_heads:
+            candidates = candidates - {row.head}
+        rests = {span[len(written) :] for span in candidates if span.startswith(written)}
+        children, node_ids = self.table.children, self.table.node_ids
+        ids: set[int] = set()
+        for rest in rests:
+            trie_node = 0
+            for byte in rest:
+                trie_node = children[trie_node].get(byte, -1)
+                if trie_node < 0:
+                    break
+                ids.update(node_ids[trie_node])
+        closes = ((t, _before_quote(token_bytes[t], escaped)) for t in crossing)
+        ids.update(t for t, before in closes if before is not None and written + before in candidates)
+        if not ids:
+            return None
+        return _id_tensor(sorted(ids), device, vocab)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = self._catch_up(input_ids)

@@ -1,7 +1,8 @@
 """The documented output format: what the assistant answers for each IE task.
 
 Compact JSON, keys in the order the request's schema lists them, every requested label present
-(an absent label maps to an empty list, so the model learns to say "none")::
+(an absent label maps to an empty list, so the model learns to say "none"); the constrained
+decoder enforces both::
 
     ner  {"NAME": ["常建良"], "ORG": []}
     re   {"entities": {"Peop": ["John"], "Org": ["IBM"]},
