@@ -68,7 +68,8 @@ def test_gate_compares_only_scores_of_the_same_evaluation_protocol() -> None:
     assert ok and reason.endswith("evaluation protocol changed (allowed)")
 
 
-def test_protocol_digest_follows_what_decides_the_scores() -> None:
+def test_protocol_digest_follows_what_decides_the_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatuie import evaluation
     from chatuie.evaluation import EvalSettings, protocol_digest
 
     base = protocol_digest(["resume"], ["constrained"], EvalSettings())
@@ -76,6 +77,8 @@ def test_protocol_digest_follows_what_decides_the_scores() -> None:
     assert base != protocol_digest(["resume"], ["constrained"], EvalSettings(repetition_penalty=1.3))
     assert base != protocol_digest(["resume"], ["constrained"], EvalSettings(span_boundaries="char"))
     assert base != protocol_digest(["resume", "fewfc"], ["constrained"], EvalSettings())
+    monkeypatch.setattr(evaluation, "PROTOCOL_VERSION", evaluation.PROTOCOL_VERSION + 1)
+    assert base != protocol_digest(["resume"], ["constrained"], EvalSettings())  # new decoding code
 
 
 # ------------------------------------------------------------------------------------ smoke registry

@@ -54,10 +54,22 @@ class EvalSettings:
     seed: int = 13
 
 
+# Bumped when the code changes what a model scores under the same params (decoding rules, scoring).
+# 2: constrained answers list every schema label in order; lists name a mention once per
+# occurrence; relation heads and tails come from the answer's entity block.
+PROTOCOL_VERSION = 2
+
+
 def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
-    """A short digest of what decides the scores (datasets, modes, records, decoding): two models'
-    metrics are comparable only under the same digest (the promotion gate checks it)."""
-    described = {"datasets": datasets, "constraint_modes": constraint_modes, **asdict(settings)}
+    """A short digest of what decides the scores (datasets, modes, records, decoding, the protocol
+    version): two models' metrics are comparable only under the same digest (the promotion gate
+    checks it)."""
+    described = {
+        "datasets": datasets,
+        "constraint_modes": constraint_modes,
+        **asdict(settings),
+        "protocol_version": PROTOCOL_VERSION,
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
 
