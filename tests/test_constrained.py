@@ -563,6 +563,13 @@ def test_a_list_names_a_mention_once_per_occurrence(tokenizer_and_model) -> None
     assert closes(_allowed_after(tokenizer, two_labels, '{"PER":["John"],"LOC":["John'))
 
 
+def test_occurrences_count_spans_as_written_in_the_answer() -> None:
+    grammar = IEGrammar("ner", 'say "hi" \\ and "hi" \\', NER, span_boundaries="char")
+    assert grammar.occurrences(b'\\"hi\\"') == 2  # written with escaped quotes
+    assert grammar.occurrences(b"\\\\") == 2  # an escaped backslash
+    assert grammar.occurrences(b"hi") == 2 and grammar.occurrences(b"ho") == 0
+
+
 def test_relation_arguments_are_entities_of_the_answer(tokenizer_and_model) -> None:
     tokenizer, _ = tokenizer_and_model
     request = IERequest("re", "John works for IBM in Paris", RE)

@@ -862,8 +862,8 @@ def decide(
     if changed and not policy.allow_protocol_change:
         return False, (
             f"not comparable: evaluated under protocol {protocols[0] or 'unrecorded'}, production under "
-            f"{protocols[1] or 'unrecorded'} (evaluate params differ); promote.allow_protocol_change "
-            "compares them anyway"
+            f"{protocols[1] or 'unrecorded'} (evaluate params or evaluation code differ); "
+            "promote.allow_protocol_change compares them anyway"
         )
     failures: list[str] = []
     if production is None:
