@@ -56,7 +56,7 @@ import json
 import re
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -660,23 +660,30 @@ class IEGrammar:
         self._next[node] = after
         return node
 
+    def _items(
+        self, list_start: int, after_list: int, opener: bytes, item: int, after_item: int, keep: bool = True
+    ) -> None:
+        """``ITEM,...]`` (or ``]``) after a list's "[": each item opens with ``opener`` into
+        ``item`` and is done at ``after_item``."""
+        list_again = self._node(_LIT, keep=keep)
+        self._lit(list_start, b"]", after_list)
+        self._lit(list_start, opener, item)
+        self._lit(after_item, b",", list_again)
+        self._lit(after_item, b"]", after_list)
+        self._lit(list_again, opener, item)
+
     def _span_list(self, list_start: int, after_list: int, keep: bool = True) -> None:
         """``[SPAN,...]`` after its "[" (``list_start``), ending at ``after_list``."""
         after_item = self._node(_LIT, keep=keep)
-        list_again = self._node(_LIT, keep=keep)
         span = self._span_node(after_item, keep=keep)
         self.list_starts.add(list_start)
         self.listed_spans.add(span)
-        self._lit(list_start, b"]", after_list)
-        self._lit(list_start, b'"', span)
-        self._lit(after_item, b",", list_again)
-        self._lit(after_item, b"]", after_list)
-        self._lit(list_again, b'"', span)
+        self._items(list_start, after_list, b'"', span, after_item, keep)
 
     def _label_lists(
         self,
         labels: list[str],
-        fill: Any,
+        fill: Callable[[int, int, int], None],
         after_close: int,
         keep: bool = True,
     ) -> int:
@@ -711,19 +718,14 @@ class IEGrammar:
             after_head = self._node(_LIT)
             after_tail = self._node(_LIT)
             after_item = self._node(_LIT)
-            list_again = self._node(_LIT)
             head = self._span_node(after_head)
             tail = self._span_node(after_tail)
             self.relation_args.update((head, tail))
             self.relation_heads.add(head)
-            self._lit(list_start, b"]", after_list)
-            self._lit(list_start, b"{", item)
+            self._items(list_start, after_list, b"{", item, after_item)
             self._lit(item, b'"head":"', head)
             self._lit(after_head, b',"tail":"', tail)
             self._lit(after_tail, b"}", after_item)
-            self._lit(after_item, b",", list_again)
-            self._lit(after_item, b"]", after_list)
-            self._lit(list_again, b"{", item)
 
         entity_lists = self._label_lists(
             _dedupe(self.schema.entities), lambda _, s, e: self._span_list(s, e), entities_done
@@ -753,10 +755,8 @@ class IEGrammar:
             role_list = self._node(_LIT)
             role_after_list = self._node(_LIT)
             after_item = self._node(_LIT, keep=outer)
-            list_again = self._node(_LIT, keep=outer)
             trigger = self._span_node(after_trigger, keep=outer)
-            self._lit(list_start, b"]", after_list)
-            self._lit(list_start, b"{", item)
+            self._items(list_start, after_list, b"{", item, after_item, keep=outer)
             self._lit(item, b'"trigger":"', trigger, keep=outer)
             self._lit(after_trigger, b',"arguments":{', args_first, keep=outer)
             self._lit(args_first, b"}", args_done)
@@ -767,9 +767,6 @@ class IEGrammar:
             self._lit(role_after_list, b",", args_again)
             self._lit(role_after_list, b"}", args_done)
             self._lit(args_done, b"}", after_item)
-            self._lit(after_item, b",", list_again)
-            self._lit(after_item, b"]", after_list)
-            self._lit(list_again, b"{", item)
 
         self._lit(start, b"{", self._label_lists(types, event_list, self.done, keep=outer))
         return start
