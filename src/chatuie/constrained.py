@@ -408,8 +408,8 @@ def _unescape(span: bytes) -> bytes:
     return span.replace(b"\\\\", b"\x00").replace(b'\\"', b'"').replace(b"\x00", b"\\")
 
 
-def _before_quote(data: bytes, escaped: bool) -> bytes | None:
-    """The span content a token adds before its closing quote (``None``: it has none)."""
+def _before_quote(data: bytes, escaped: bool) -> bytes:
+    """The span content a token that closes the span adds before its closing quote."""
     i = 0
     while i < len(data):
         if escaped:
@@ -417,9 +417,9 @@ def _before_quote(data: bytes, escaped: bool) -> bytes | None:
         elif data[i] == _BACKSLASH:
             escaped = True
         elif data[i] == _QUOTE:
-            return data[:i]
+            break
         i += 1
-    return None
+    return data[:i]
 
 
 def _json_key(label: str) -> bytes:
@@ -557,8 +557,7 @@ class IEGrammar:
         self._lits: list[dict[int, int]] = []
         self._next: list[int] = []  # key / span slots: the node after the closing quote
         self._key_root: list[int] = []  # key slots: the root of their label trie
-        self._reset: list[bool] = []  # the used-roles mask starts empty on entering
-        self._keep: list[bool] = []  # whether the used-roles mask matters here
+        self._keep: list[bool] = []  # whether the used-roles mask matters here (else it is empty)
         self._kt_children: list[dict[int, int]] = []
         self._kt_mask: list[int] = []  # bitmask of the labels below a key-trie node
         self._kt_label: list[int] = []  # label index completed at this node (after its quote)
@@ -604,12 +603,11 @@ class IEGrammar:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _node(self, kind: int, *, reset: bool = False, keep: bool = True) -> int:
+    def _node(self, kind: int, *, keep: bool = True) -> int:
         self._kind.append(kind)
         self._lits.append({})
         self._next.append(-1)
         self._key_root.append(-1)
-        self._reset.append(reset)
         self._keep.append(keep)
         return len(self._kind) - 1
 
@@ -747,7 +745,7 @@ class IEGrammar:
             role_root = self._key_trie(_dedupe(self.schema.events[types[index]]))
             item = self._node(_LIT, keep=outer)  # after "{" of an event
             after_trigger = self._node(_LIT, keep=outer)
-            args_first = self._node(_LIT, reset=True)  # after '"arguments":{'
+            args_first = self._node(_LIT, keep=False)  # after '"arguments":{': no role used yet
             args_again = self._node(_LIT)
             args_done = self._node(_LIT, keep=outer)  # after the arguments' "}"
             role_after_key = self._node(_LIT)
@@ -798,7 +796,7 @@ class IEGrammar:
         key = (node, used)
         if key in self._enter_cache:
             return self._enter_cache[key]
-        if self._reset[node] or not self._keep[node]:
+        if not self._keep[node]:
             used = 0
         kind = self._kind[node]
         state: State | None = (node, 0, used)
@@ -1475,11 +1473,11 @@ class IEConstraintProcessor(LogitsProcessor):
         written = bytes(row.out[row.span_start :])
         escaped = bool(state[1] & 1)
         token_bytes = self.table.token_bytes
+        # The tokens that close the span, with the span each closes.
+        closed = [(t, written + _before_quote(token_bytes[t], escaped)) for t in crossing]
         if state[0] in grammar.listed_spans:
             spent = {span for span, n in row.listed.items() if n >= grammar.occurrences(span)}
-            keep = [
-                t for t in crossing if written + (_before_quote(token_bytes[t], escaped) or b"") not in spent
-            ]
+            keep = [t for t, span in closed if span not in spent]
             if len(keep) == len(crossing) or not (keep or inside.ids):
                 return None
             return torch.cat([inside.tensor(device, vocab), _id_tensor(keep, device, vocab)])
@@ -1497,8 +1495,7 @@ class IEConstraintProcessor(LogitsProcessor):
                 if trie_node < 0:
                     break
                 ids.update(node_ids[trie_node])
-        closes = ((t, _before_quote(token_bytes[t], escaped)) for t in crossing)
-        ids.update(t for t, before in closes if before is not None and written + before in candidates)
+        ids.update(t for t, span in closed if span in candidates)
         if not ids:
             return None
         return _id_tensor(sorted(ids), device, vocab)

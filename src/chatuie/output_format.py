@@ -107,9 +107,9 @@ class _Grounder:
         whole = [
             o for o in occurrences if not cuts_word(self.text, o) and not cuts_word(self.text, o + len(span))
         ]
-        taken = self.taken[key]
+        candidates, taken = whole or occurrences, self.taken[key]
         # Every occurrence used: a repeated mention, point at the first.
-        start = next((o for o in (whole or occurrences) if o not in taken), (whole or occurrences)[0])
+        start = next((o for o in candidates if o not in taken), candidates[0])
         taken.add(start)
         return start, start + len(span)
 
