@@ -448,6 +448,23 @@ def test_word_boundaries(span: str, ok: bool) -> None:
     assert IEGrammar("ner", text, Schema(entities=["LOC"]), span_boundaries="char").accepts(answer)
 
 
+@pytest.mark.parametrize("text", [": ", "a: \n", "北京 "])
+def test_word_spans_never_enter_a_state_that_cannot_close(text: str) -> None:
+    # Found by the property test: after ":" the span could take the text's final space, a state
+    # with no way to close (spans never end on a space), and completing the answer then failed.
+    grammar = IEGrammar("ner", text, Schema(entities=["PER"]))
+    seen, stack = set(), [grammar.initial]
+    while stack:
+        state = stack.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        assert grammar.is_complete(state) or grammar.extension(state) is not None
+        stack.extend(grammar.transitions(state).values())
+    if text.startswith(":"):
+        assert grammar.complete(b'{"PER":[":') == b'{"PER":[":"]}'
+
+
 def test_unknown_span_boundaries_are_refused() -> None:
     with pytest.raises(ValueError, match="span_boundaries"):
         IEGrammar("ner", "abc", NER, span_boundaries="token")

@@ -323,6 +323,14 @@ class _AlignedSpans:
     def __init__(self, data: bytes, starts: frozenset[int], ends: frozenset[int]) -> None:
         self._data = data
         self._ends = ends
+        # live[p]: a span that has reached offset p can still end (an end at or after p, with no
+        # control character on the way). Moves go only to live offsets, so no move leads to a
+        # state that can never close (": " would otherwise let a span take the final space).
+        live = [False] * (len(data) + 1)
+        live[len(data)] = len(data) in ends
+        for position in range(len(data) - 1, -1, -1):
+            live[position] = position in ends or (data[position] >= 0x20 and live[position + 1])
+        self._live = live
         self._ids: dict[frozenset[int], int] = {}
         self._sets: list[frozenset[int]] = []
         self._moves: list[dict[int, int] | None] = []
@@ -345,7 +353,7 @@ class _AlignedSpans:
             data, size = self._data, len(self._data)
             grouped: dict[int, list[int]] = {}
             for position in self._sets[sid]:
-                if position < size:
+                if position < size and self._live[position + 1]:
                     grouped.setdefault(data[position], []).append(position + 1)
             moves = self._moves[sid] = {byte: self._intern(frozenset(ends)) for byte, ends in grouped.items()}
         return moves
