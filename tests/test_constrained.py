@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from chatuie.constrained import (
+    AnswerRepetitionPenalty,
     IEConstraintProcessor,
     IEGrammar,
     IERequest,
@@ -815,3 +816,30 @@ def test_grounding_prefers_occurrences_that_cut_no_word() -> None:
     assert [(e.start, e.end) for e in grounded["entities"]] == [(5, 7), (5, 7)]
     grounded = ground("ner", '{"LOC":["on"]}', "Mon.", NER)  # no whole-word occurrence: any one
     assert [(e.start, e.end) for e in grounded["entities"]] == [(1, 3)]
+
+
+def test_answer_repetition_penalty_spares_the_prompt_and_json_punctuation() -> None:
+    # Token ids: 0 "John", 1 "]", 2 '","', 3 " ", 4 "IBM", 5 "Mary", 6 special (no bytes).
+    table = TokenTable([b"John", b"]", b'","', b" ", b"IBM", b"Mary", None], eos_ids=[6])
+    penalty = AnswerRepetitionPenalty(2.0, table, prompt_length=2)
+    prompt = [5, 5]  # "Mary" twice in the prompt only: not penalised
+    scores = torch.tensor([[4.0, 4.0, 4.0, 4.0, -4.0, 4.0, 4.0, 4.0]])  # a model vocabulary of 8 > 7
+    out = penalty(torch.tensor([prompt + [0, 1, 2, 3, 4, 6]]), scores.clone())
+    # Written text tokens cost more ("John" halved, "IBM" doubled below zero); "]", '","', " ",
+    # the special token, the prompt's "Mary" and ids beyond the tokenizer keep their scores.
+    assert out.tolist() == [[2.0, 4.0, 4.0, 4.0, -8.0, 4.0, 4.0, 4.0]]
+    assert penalty(torch.tensor([prompt]), scores.clone()).tolist() == scores.tolist()  # nothing written
+    none = AnswerRepetitionPenalty(1.0, table, 2)
+    assert none(torch.tensor([prompt + [0]]), scores.clone()).tolist() == scores.tolist()
+    with pytest.raises(ValueError, match="> 0"):
+        AnswerRepetitionPenalty(0.0, table)
+
+
+def test_constrained_answers_with_a_repetition_penalty_stay_valid(tokenizer_and_model) -> None:
+    tokenizer, model = tokenizer_and_model
+    requests = [IERequest("ner", "John works for IBM in New York. John Smith too.", NER)] * 2
+    prompts = ["ner: John works for IBM in New York.", "ner: John Smith"]
+    for answer in constrained_generate(
+        model, tokenizer, prompts, requests, max_new_tokens=40, batch_size=2, repetition_penalty=1.5
+    ):
+        _check_answer("ner", answer, requests[0].text, NER)

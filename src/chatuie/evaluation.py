@@ -48,8 +48,9 @@ class EvalSettings:
     # Constrained spans: "word" = substrings that cut no word (CJK: any characters) | "char" = any
     # substring (the paper's constraint). Both guarantee that no span is invented.
     span_boundaries: str = "word"
-    # >1 discourages tokens already in the prompt or answer (transformers' repetition_penalty):
-    # a weak model otherwise lists one span dozens of times. Same value for both modes.
+    # >1 discourages text tokens the answer already wrote (AnswerRepetitionPenalty: not the
+    # prompt, not JSON punctuation): a weak model otherwise lists one span dozens of times.
+    # Same value for both modes.
     repetition_penalty: float = 1.0
     seed: int = 13
 
@@ -57,7 +58,8 @@ class EvalSettings:
 # Bumped when the code changes what a model scores under the same params (decoding rules, scoring).
 # 2: constrained answers list every schema label in order; lists name a mention once per
 # occurrence; relation heads and tails come from the answer's entity block.
-PROTOCOL_VERSION = 2
+# 3: the repetition penalty counts only text tokens the answer wrote (AnswerRepetitionPenalty).
+PROTOCOL_VERSION = 3
 
 
 def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
@@ -103,17 +105,24 @@ def generate_free(
     batch_size: int,
     repetition_penalty: float = 1.0,
 ) -> list[str]:
-    """Unconstrained greedy decoding, left-padded batches."""
+    """Unconstrained greedy decoding, left-padded batches (the same repetition penalty as the
+    constrained mode: :class:`chatuie.constrained.AnswerRepetitionPenalty`)."""
+    from transformers import LogitsProcessorList
+
+    from chatuie.constrained import answer_penalty, token_table
+
     tokenizer.padding_side = "left"
+    table = token_table(tokenizer)
     outputs: list[str] = []
     for batch in _batches(prompts, batch_size):
         encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        penalty = answer_penalty(repetition_penalty, table, encoded["input_ids"].shape[1])
         generated = model.generate(
             **encoded,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            repetition_penalty=repetition_penalty,
+            logits_processor=LogitsProcessorList(penalty),
         )
         new = generated[:, encoded["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
