@@ -125,6 +125,7 @@ def tokenizer_and_model(request: pytest.FixtureRequest):
 
 NER = Schema(entities=["PER", "LOC"])
 RE = Schema(entities=["Peop", "Org"], relations=["Work_For", "Live_In"])
+RE_LOC = Schema(entities=["Peop", "Org", "Loc"], relations=["Work_For", "Live_In"])
 EE = Schema(events={"质押": ["sub-org", "date"], "收购": ["obj"]})
 TEXT = '张三在北京说"你好" John works for IBM\\x.\n李四'
 
@@ -591,6 +592,7 @@ def test_occurrences_count_spans_as_written_in_the_answer() -> None:
 def test_relation_arguments_are_entities_of_the_answer(tokenizer_and_model) -> None:
     tokenizer, _ = tokenizer_and_model
     request = IERequest("re", "John works for IBM in Paris", RE)
+    request_loc = IERequest("re", "John works for IBM in Paris", RE_LOC)
     entities = '{"entities":{"Peop":["John"],"Org":["IBM"]},"relations":{"Work_For":[{"head":"'
 
     def fits(allowed: list[bytes], spans: set[bytes]) -> bool:
@@ -604,6 +606,17 @@ def test_relation_arguments_are_entities_of_the_answer(tokenizer_and_model) -> N
     assert fits(_allowed_after(tokenizer, request, entities + "J"), {b"ohn"})
     # The tail is another entity than the head.
     assert fits(_allowed_after(tokenizer, request, entities + 'John","tail":"'), {b"IBM"})
+    # A list names a head/tail pair once: with John and IBM paired, John's tail can only be Paris.
+    three = '{"entities":{"Peop":["John"],"Org":["IBM"],"Loc":["Paris"]},"relations":{"Work_For":['
+    paired = three + '{"head":"John","tail":"IBM"},{"head":"John","tail":"'
+    assert fits(_allowed_after(tokenizer, request_loc, paired), {b"Paris"})
+    # ... IBM's tail is still free, and another list starts afresh.
+    assert fits(
+        _allowed_after(tokenizer, request_loc, three + '{"head":"John","tail":"IBM"},{"head":"IBM","tail":"'),
+        {b"John", b"Paris"},
+    )
+    fresh = three + '{"head":"John","tail":"IBM"}],"Live_In":[{"head":"John","tail":"'
+    assert fits(_allowed_after(tokenizer, request_loc, fresh), {b"IBM", b"Paris"})
     # No entities listed: nothing to choose from, the grammar alone rules (any substring).
     bare = '{"entities":{"Peop":[],"Org":[]},"relations":{"Work_For":[{"head":"'
     assert not fits(_allowed_after(tokenizer, request, bare), {b"John", b"IBM"})

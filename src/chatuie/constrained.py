@@ -39,9 +39,9 @@ the end it only allows tokens after which the answer can still be closed in the 
 
 Rules that depend on what a row already wrote (no grammar state could hold them) are applied by
 the processor, :meth:`IEConstraintProcessor._row_rules`: a list names each mention once per
-occurrence in the text, and a relation's head and tail are spans of the answer's own entity block
-(the tail another than the head). They give way when they would leave no token, and near the end
-of the token budget.
+occurrence in the text, a relation's head and tail are spans of the answer's own entity block
+(the tail another than the head), and a relation list names each head/tail pair once. They
+give way when they would leave no token, and near the end of the token budget.
 
 Limitations: the answer must start with ``{`` (``allow_leading_space`` admits one space first,
 for sentencepiece chat models that put ``▁{`` after the prompt); beam search works (reordered
@@ -576,6 +576,7 @@ class IEGrammar:
         self.list_starts: set[int] = set()
         self.relation_args: set[int] = set()
         self.relation_heads: set[int] = set()
+        self.relation_list_starts: set[int] = set()
         self._occurrences: dict[bytes, int] = {}
         self.done = self._node(_DONE, keep=False)
         start = {"ner": self._build_ner, "re": self._build_re, "ee": self._build_ee}[task]()
@@ -729,6 +730,7 @@ class IEGrammar:
             tail = self._span_node(after_tail)
             self.relation_args.update((head, tail))
             self.relation_heads.add(head)
+            self.relation_list_starts.add(list_start)
             self._items(list_start, after_list, b"{", item, after_item)
             self._lit(item, b'"head":"', head)
             self._lit(after_head, b',"tail":"', tail)
@@ -1284,6 +1286,7 @@ class _Row:
         "listed",
         "entities",
         "head",
+        "pairs",
     )
 
     def __init__(self, grammar: IEGrammar) -> None:
@@ -1297,6 +1300,7 @@ class _Row:
         self.listed: dict[bytes, int] = {}  # spans (as written) of the open list, with counts
         self.entities: set[bytes] = set()  # every span listed so far (re: the entity block)
         self.head = b""  # the head of the relation being written
+        self.pairs: set[tuple[bytes, bytes]] = set()  # (head, tail) pairs of the open relation list
 
     def step(self, byte: int) -> bool:
         """Consume one byte; ``False`` (nothing changed) if the grammar does not allow it."""
@@ -1311,8 +1315,12 @@ class _Row:
                 self.entities.add(span)
             elif state[0] in grammar.relation_heads:
                 self.head = bytes(self.out[self.span_start :])
+            elif state[0] in grammar.relation_args:  # the tail's closing quote
+                self.pairs.add((self.head, bytes(self.out[self.span_start :])))
             if nxt[0] in grammar.list_starts:
                 self.listed.clear()
+            elif nxt[0] in grammar.relation_list_starts:
+                self.pairs.clear()
             elif grammar.is_span(nxt[0]):
                 self.span_start = len(self.out) + 1
         self.state = nxt
@@ -1472,7 +1480,8 @@ class IEConstraintProcessor(LogitsProcessor):
         * a list names each mention once: a span already in its list may close again only while
           the text has more occurrences of it (``"Theatre"`` twice needs it twice in the text);
         * a relation's head and tail are spans of the answer's own entity block, so each carries
-          its type (strict scoring needs it), and the tail is not the head.
+          its type (strict scoring needs it), and the tail is neither the head nor a tail the
+          list already paired with this head (a repeated relation only adds a false positive).
 
         ``None`` (no narrowing) when a rule would leave no token: the grammar alone then rules.
         """
@@ -1493,7 +1502,7 @@ class IEConstraintProcessor(LogitsProcessor):
         # A relation argument: only the rest of an entity, then the quote.
         candidates = row.entities
         if state[0] not in grammar.relation_heads:
-            candidates = candidates - {row.head}
+            candidates = candidates - {row.head} - {tail for head, tail in row.pairs if head == row.head}
         rests = {span[len(written) :] for span in candidates if span.startswith(written)}
         children, node_ids = self.table.children, self.table.node_ids
         ids: set[int] = set()
@@ -1577,6 +1586,7 @@ class AnswerRepetitionPenalty(LogitsProcessor):
             [bool(data) and any(b not in _STRUCTURE_BYTES for b in data) for data in table.token_bytes],
             dtype=torch.bool,
         )
+        self._masks: dict[tuple[torch.device, int], torch.Tensor] = {}  # text-token mask per (device, vocab)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_length is None:
@@ -1585,9 +1595,12 @@ class AnswerRepetitionPenalty(LogitsProcessor):
         if self.penalty == 1.0 or answer.shape[1] == 0:
             return scores
         vocab = scores.shape[-1]
-        text = torch.zeros(vocab, dtype=torch.bool, device=scores.device)
-        known = min(vocab, len(self._text))
-        text[:known] = self._text[:known].to(scores.device)
+        text = self._masks.get((scores.device, vocab))
+        if text is None:  # built once: the logits' width can exceed the tokenizer's (padded heads)
+            text = torch.zeros(vocab, dtype=torch.bool, device=scores.device)
+            known = min(vocab, len(self._text))
+            text[:known] = self._text[:known].to(scores.device)
+            self._masks[(scores.device, vocab)] = text
         seen = torch.zeros_like(scores, dtype=torch.bool)
         seen.scatter_(1, answer.clamp(0, vocab - 1), True)
         seen &= text

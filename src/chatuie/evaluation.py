@@ -59,7 +59,8 @@ class EvalSettings:
 # 2: constrained answers list every schema label in order; lists name a mention once per
 # occurrence; relation heads and tails come from the answer's entity block.
 # 3: the repetition penalty counts only text tokens the answer wrote (AnswerRepetitionPenalty).
-PROTOCOL_VERSION = 3
+# 4: a constrained relation list names each head/tail pair once.
+PROTOCOL_VERSION = 4
 
 
 def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
