@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from chatuie.config import ConfigError, build, load_params
+from chatuie.packaged import PackagedModelError
 from chatuie.records import ConversionError
 from chatuie.tracking import PlotFile, StageInfo, TrackingError, stage_run, tracking_enabled
 
@@ -42,7 +43,7 @@ def run(main: Callable[[], Any], stage: str | None = None, *, track: bool = True
     try:
         with _tracked(stage) if track else contextlib.nullcontext():
             main()
-    except (ConversionError, ConfigError, TrackingError) as err:
+    except (ConversionError, ConfigError, TrackingError, PackagedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

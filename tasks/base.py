@@ -4,12 +4,16 @@
 samples, a seeded Llama-architecture model sized in params, then taught to answer questions
 (WebQA train part, C-Eval dev) so it has measurable chat ability before IE training, and to repeat
 training texts (`base.repeat_samples`): copying spans is most of what SFT then asks.
-Any other `model.base` (hub id or local directory) is loaded as is and saved to models/base/.
+A packaged model (`gemma3-270m`: Gemma 3 270M from the package registry, chatuie.packaged) is
+assembled from its installed package, dequantized and saved as safetensors with a marked chat
+template and its license files. Any other `model.base` (hub id or local directory) is loaded as is
+and saved to models/base/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +23,18 @@ from _stage import run, section, set_threads
 from chatuie.chat import repeat_samples
 from chatuie.io import read_jsonl, write_json
 from chatuie.modeling import (
+    NOTE_FILE,
     ModelConfig,
     TeachSettings,
     chat_texts,
     claim_checkpoints,
     file_digest,
     load_model,
+    packaged_dtype,
     save_model,
     teach_to_answer,
 )
+from chatuie.packaged import convert, packaged_name
 
 OUT = Path("models/base")
 
@@ -67,13 +74,31 @@ def main() -> None:
             vocab_size=len(tokenizer),
         )
         write_loss_curve(Path("metrics/train/base_loss.csv"), result.loss_log)
+    elif packaged_name(model_config.base):
+        # Assembled from the installed package, dequantized, saved as safetensors (+ Gemma terms).
+        pin = convert(packaged_name(model_config.base), OUT, dtype=packaged_dtype(model_config.dtype))
+        write_json(OUT / NOTE_FILE, {"kind": "full", "dtype": packaged_dtype(model_config.dtype)})
+        metrics.update(packaged=dataclasses.asdict(pin), parameters=_parameters(OUT))
+        model = None
     else:
         model, tokenizer = load_model(dataclasses.replace(model_config, lora=None))
         metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    save_model(model, tokenizer, OUT)
+    if model is not None:
+        save_model(model, tokenizer, OUT)
     metrics["seconds"] = round(time.monotonic() - started, 1)
     write_json(Path("metrics/train/base.json"), metrics)
     print(metrics)
+
+
+def _parameters(model_dir: Path) -> int:
+    """Parameters in a saved model's safetensors files (read from their headers, no load)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118 (no __iter__)
+    return total
 
 
 def write_loss_curve(path: Path, loss_log: list[dict]) -> None:

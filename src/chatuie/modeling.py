@@ -14,6 +14,7 @@ Training goes through TRL's ``SFTTrainer`` with CPU-safe arguments; see :func:`t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,6 +25,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from chatuie.packaged import (
+    GEMMA_CHAT_TEMPLATE,
+    GEMMA_TURN_TOKENS,
+    PACKAGED_PREFIX,
+    installed_pin,
+    materialize,
+    packaged_name,
+    read_pin,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +57,10 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# Turn formats a tokenizer without a chat template gets, first whose tokens its vocabulary already has
+# (no embedding to resize); none: ChatML's tokens are added.
+TURN_FORMATS = ((IM_START, IM_END), GEMMA_TURN_TOKENS)
 
 NOTE_FILE = "chatuie_model.json"  # what save_model wrote: full model or adapter (+ its base)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,13 +93,18 @@ class LoraSettings:
     # None = peft's default for the architecture (q_proj, v_proj for Llama/Qwen2); ["all-linear"] = every
     # linear layer but the output head.
     target_modules: list[str] | None = None
+    # Decoder layers that get adapters (None = all). The upper layers only: the backward pass stops
+    # at the lowest adapted layer, a cheaper step on CPU.
+    layers: list[int] | None = None
 
 
 @dataclass
 class ModelConfig:
     """The ``model`` section of params.yaml."""
 
-    base: str = "tiny"  # "tiny" (embedded, built locally), a hub id, or a local directory
+    # "tiny" (embedded, built locally), a packaged model ("gemma3-270m", chatuie.packaged), a hub id,
+    # or a local directory
+    base: str = "tiny"
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # hub/local models; None = transformers' default (sdpa)
@@ -165,9 +185,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 13, *, mi
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids generation stops on: the end of turn, then eos/pad/<|endoftext|> where they exist."""
+    """Token ids generation stops on: the end of turn (ChatML's or Gemma's), then eos and
+    <|endoftext|>, where the vocabulary has them."""
     ids: list[int] = []
-    for token in (IM_END, tokenizer.eos_token, ENDOFTEXT):
+    for token in (IM_END, GEMMA_TURN_TOKENS[1], tokenizer.eos_token, ENDOFTEXT):
         if token is None:
             continue
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -232,9 +253,11 @@ def _ensure_chat_ready(model, tokenizer) -> list[int]:
     """Make a loaded model/tokenizer pair trainable with assistant-only loss and ready to generate.
 
     A tokenizer without a chat template, or with one that has no ``{% generation %}`` markers and that
-    TRL cannot patch (TRL knows Qwen2.5/3, Llama 3, Gemma, Phi-3, ...), gets our ChatML template: the
-    missing ``<|im_start|>``/``<|im_end|>`` are added (embeddings resized) and ``<|im_end|>`` becomes eos.
-    No pad token -> pad = eos. Left padding. Returns the ids of the tokens that had to be added.
+    TRL cannot patch (TRL knows Qwen2.5/3, Llama 3, Gemma, Phi-3, ...), gets a marked template of ours:
+    the first of :data:`TURN_FORMATS` whose turn tokens its vocabulary has (Gemma's own
+    ``<start_of_turn>``/``<end_of_turn>``: nothing added), else ChatML with ``<|im_start|>``/``<|im_end|>``
+    added (embeddings resized). The end-of-turn token becomes eos. No pad token -> pad = the old eos.
+    Left padding. Returns the ids of the tokens that had to be added.
     """
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
@@ -243,22 +266,23 @@ def _ensure_chat_ready(model, tokenizer) -> list[int]:
         try:
             get_training_chat_template(tokenizer)  # TRL swaps in its marked version at training time
         except ValueError:
-            logger.warning("chat template has no generation markers TRL can add: using ChatML instead")
+            logger.warning("chat template has no generation markers TRL can add: using a marked one")
             template = None
     added: list[int] = []
     if not template:
         vocab = tokenizer.get_vocab()
-        missing = [tok for tok in (IM_START, IM_END) if tok not in vocab]
+        turn = next((pair for pair in TURN_FORMATS if all(t in vocab for t in pair)), (IM_START, IM_END))
+        missing = [tok for tok in turn if tok not in vocab]
         if missing:
             tokenizer.add_special_tokens(
                 {"extra_special_tokens": missing}, replace_extra_special_tokens=False
             )
             added = [tokenizer.convert_tokens_to_ids(tok) for tok in missing]
         old_eos = tokenizer.eos_token
-        tokenizer.chat_template = CHAT_TEMPLATE
-        tokenizer.eos_token = IM_END
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE if turn == GEMMA_TURN_TOKENS else CHAT_TEMPLATE
+        tokenizer.eos_token = turn[1]
         if tokenizer.pad_token is None:
-            tokenizer.pad_token = old_eos or IM_END
+            tokenizer.pad_token = old_eos or turn[1]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -268,19 +292,68 @@ def _ensure_chat_ready(model, tokenizer) -> list[int]:
     return added
 
 
+def _embedding_names(model) -> tuple[str, str | None]:
+    """Module names of the input embedding and, when not tied to it, the output head."""
+    names = {id(module): name for name, module in model.named_modules()}
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is model.get_input_embeddings().weight
+    return names[id(model.get_input_embeddings())].rsplit(".", 1)[-1], (
+        None if tied else names[id(head)].rsplit(".", 1)[-1]
+    )
+
+
+def _expose_head_bias(model) -> None:
+    """peft's ``TrainableTokensWrapper`` around an LM head forwards ``weight`` (the merged rows) but
+    not ``bias``, which TRL's chunked loss reads (``AttributeError: ... no attribute 'bias'``). Its
+    own forward is ``F.linear(x, merged_weight)``, no bias: give the wrapper that (None)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in head.__dict__:
+        if getattr(head.token_adapter.base_layer, "bias", None) is not None:
+            raise ValueError("trainable new tokens on an LM head with a bias: peft would drop the bias")
+        head.__dict__["bias"] = None
+
+
+def _linear_names(model) -> list[str]:
+    """Names (last component) of every linear layer but the output head: peft's "all-linear"."""
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
+
+
 def _wrap_lora(model, lora: LoraSettings, added_token_ids: Sequence[int] = ()):
     from peft import LoraConfig, get_peft_model
 
+    trainable_tokens = None
+    if added_token_ids:
+        # New chat tokens have untrained embeddings: the adapter trains those rows (of the output head
+        # too when it is not tied to the input embedding), nothing else of the 2 matrices.
+        embed, head = _embedding_names(model)
+        trainable_tokens = {embed: list(added_token_ids)}
+        if head is not None:
+            trainable_tokens[head] = list(added_token_ids)
+    targets: str | list[str] | None = lora.target_modules
+    if targets == ["all-linear"]:
+        # peft's "all-linear" takes no layer selection: the same modules, named.
+        targets = _linear_names(model) if lora.layers is not None else "all-linear"
     peft_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules,
-        # New chat tokens have random embeddings: let the adapter train those rows.
-        trainable_token_indices={"embed_tokens": list(added_token_ids)} if added_token_ids else None,
+        target_modules=targets,
+        layers_to_transform=lora.layers,
+        trainable_token_indices=trainable_tokens,
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    _expose_head_bias(model)
+    return model
 
 
 def build_tiny(config: ModelConfig, texts: Iterable[str]):
@@ -300,6 +373,9 @@ def load_model(config: ModelConfig, path_or_id: str | None = None, *, texts: Ite
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = path_or_id or config.base
+    if packaged_name(source):
+        # A packaged model, converted once into the local cache (the base stage writes models/base).
+        source = str(materialize(installed_pin(packaged_name(source)), dtype=packaged_dtype(config.dtype)))
     if source == "tiny":
         if texts is None:
             raise ValueError("model.base 'tiny' is built from scratch: pass texts to train its tokenizer")
@@ -323,6 +399,11 @@ def load_model(config: ModelConfig, path_or_id: str | None = None, *, texts: Ite
     return model, tokenizer
 
 
+def packaged_dtype(name: str) -> str:
+    """The dtype a packaged model is converted in: what ``model.dtype`` asks, bfloat16 for auto."""
+    return "float32" if name == "float32" else "bfloat16"
+
+
 def is_peft(model) -> bool:
     from peft import PeftModel
 
@@ -334,6 +415,13 @@ def merge_lora(model):
     if not is_peft(model):
         return model
     return model.merge_and_unload()
+
+
+def full_weights(model):
+    """``model`` with LoRA merged in and every weight trainable (full fine-tuning from it)."""
+    model = merge_lora(model)
+    model.requires_grad_(True)
+    return model
 
 
 def _base_of(model) -> str | None:
@@ -362,6 +450,11 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base: str | None = None
             )
         model.save_pretrained(out)
         note = {"kind": "lora", "base": base, "dtype": dtype}
+        pin = read_pin(base) if Path(base).is_dir() else None
+        if pin is not None:
+            # The base is a packaged model: the adapter can be rebuilt on it anywhere the same
+            # package is installed (the registry stores the adapter and this pin, not the base).
+            note["base_pin"] = dataclasses.asdict(pin)
     else:
         model.save_pretrained(out)
         note = {"kind": "full", "dtype": dtype}
@@ -369,6 +462,18 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base: str | None = None
     tokenizer.save_pretrained(out)
     (out / NOTE_FILE).write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _adapter_base(out: Path, note: dict[str, Any], dtype: str) -> str:
+    """Where an adapter's base loads from: its directory, a hub id, or (a packaged base that is not
+    on this machine, e.g. a registry download) the packaged model rebuilt from its pin."""
+    base = note.get("base") or json.loads((out / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    pin = note.get("base_pin")
+    if pin and (base.startswith(PACKAGED_PREFIX) or not Path(base).is_dir()):
+        return str(materialize(pin, dtype=packaged_dtype(dtype), where=str(out)))
+    return base
 
 
 def load_saved(out_dir: str | Path, *, trainable: bool = False, dtype: str | None = None):
@@ -384,10 +489,7 @@ def load_saved(out_dir: str | Path, *, trainable: bool = False, dtype: str | Non
     if (out / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = (
-            note.get("base")
-            or json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-        )
+        base = _adapter_base(out, note, dtype or note.get("dtype", "float32"))
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))

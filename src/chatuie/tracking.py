@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatuie.io import write_json
+from chatuie.packaged import PACKAGED_PREFIX
 
 if TYPE_CHECKING:  # mlflow is imported lazily, inside the functions that need it
     from mlflow.tracking import MlflowClient
@@ -736,7 +737,12 @@ def _register_adapter(
 
     mlflow.log_artifacts(str(model_dir), "model")
     base = str(note.get("base") or "")
-    if base and Path(base).is_dir():
+    if note.get("base_pin"):
+        # A packaged base (chatuie.packaged): pinned by package version and GGUF sha256, rebuilt from
+        # the installed package where the version is loaded; only the adapter is stored.
+        pin = note["base_pin"]
+        tags["chatuie.base"] = f"packaged: {pin['distribution']}=={pin['version']} sha256:{pin['sha256']}"
+    elif base and Path(base).is_dir():
         mlflow.log_artifacts(base, "model/base")  # self-contained: the base travels with the adapter
         tags["chatuie.base"] = "bundled: model/base"
     else:
@@ -785,9 +791,13 @@ def download_model(uri: str, dst: str | Path | None = None, *, root: str | Path 
     if not (local / NOTE_FILE).exists() and not (local / "config.json").exists():
         raise TrackingError(f"{uri}: no model directory in what was downloaded ({local})")
     note_path = local / NOTE_FILE
-    if note_path.exists() and (local / "base").is_dir():
-        note = json.loads(note_path.read_text(encoding="utf-8"))
+    note = json.loads(note_path.read_text(encoding="utf-8")) if note_path.exists() else {}
+    if (local / "base").is_dir():
         note["base"] = str((local / "base").resolve())  # the bundled base, wherever it landed
+        write_json(note_path, note)
+    elif note.get("base_pin"):
+        # Not the directory it was trained on (another machine's path): the packaged model it pins.
+        note["base"] = PACKAGED_PREFIX + note["base_pin"]["name"]
         write_json(note_path, note)
     return local
 

