@@ -21,7 +21,7 @@ from _stage import run, section, set_threads
 from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
 from chatuie.io import read_json, write_json
-from chatuie.modeling import load_saved, save_model
+from chatuie.modeling import full_weights, load_saved, merge_lora, save_model
 from chatuie.prepare import load_records
 from chatuie.reward import load_reward_model
 from chatuie.rl import (
@@ -79,7 +79,7 @@ def train() -> None:
     started = time.monotonic()
     records = [r for d in stage.datasets for r in load_records(Path("data/records") / d / "train.jsonl")]
     prompts = rl_prompts(records, chat, stage.max_prompts_per_dataset, stage.seed)
-    policy, tokenizer = load_saved(SFT, trainable=True)
+    policy, tokenizer = load_saved(SFT, trainable=True, dtype="float32")
     lengths = prompt_lengths(tokenizer, prompts)
     fitting = [p for p, n in zip(prompts, lengths, strict=True) if n <= stage.max_prompt_length]
     if not fitting:
@@ -87,7 +87,9 @@ def train() -> None:
     reward_model, _ = load_reward_model(RM)
     try:
         if config.algorithm == "ppo":
-            ref_policy, _ = load_saved(SFT)
+            # PPO trains every weight: a LoRA SFT model is merged first (policy and reference alike).
+            policy = full_weights(policy)
+            ref_policy = merge_lora(load_saved(SFT, dtype="float32")[0])
             value_model, _ = load_reward_model(RM)  # the critic starts from the reward model
             result = train_ppo(policy, ref_policy, reward_model, value_model, tokenizer, fitting, config)
         else:

@@ -11,7 +11,7 @@ repeats within its text.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,8 @@ class IEScorer:
         self.match = match
         self.totals: dict[str, Counts] = defaultdict(Counts)
         self.per_label: dict[str, dict[str, Counts]] = defaultdict(lambda: defaultdict(Counts))
+        # Per record, per metric: (tp, pred, gold); what bootstrap intervals resample.
+        self.record_counts: list[dict[str, tuple[int, int, int]]] = []
 
     def _add(self, name: str, pred: list[tuple], gold: list[tuple], label_of=lambda item: item[0]) -> None:
         self.totals[name].add(Counter(pred), Counter(gold))
@@ -106,6 +108,17 @@ class IEScorer:
 
     def add(self, gold: dict[str, list], pred: dict[str, list]) -> None:
         """``gold``/``pred``: ``{"entities": [...], "relations": [...], "events": [...]}``."""
+        before = {name: (c.tp, c.pred, c.gold) for name, c in self.totals.items()}
+        self._add_record(gold, pred)
+        self.record_counts.append(
+            {
+                name: (c.tp - was[0], c.pred - was[1], c.gold - was[2])
+                for name, c in self.totals.items()
+                for was in [before.get(name, (0, 0, 0))]
+            }
+        )
+
+    def _add_record(self, gold: dict[str, list], pred: dict[str, list]) -> None:
         m = self.match
         if self.task in ("ner", "re"):
             self._add(
@@ -131,8 +144,14 @@ class IEScorer:
                     label_of = lambda x: f"{x[0]}:{x[1]}"  # noqa: E731 - event type + role
                 self._add(name, p[name], g[name], label_of)
 
-    def result(self) -> dict[str, Any]:
-        return {name: counts.as_dict() for name, counts in sorted(self.totals.items())}
+    def result(self, *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """Every metric's P/R/F1 and counts, with the 95 % bootstrap interval of its F1 over records
+        (``f1_ci95``: the records resampled with replacement, micro F1 recomputed each time)."""
+        out = {}
+        for name, counts in sorted(self.totals.items()):
+            rows = [record.get(name, (0, 0, 0)) for record in self.record_counts]
+            out[name] = {**counts.as_dict(), "f1_ci95": bootstrap_f1_interval(rows, resamples, seed)}
+        return out
 
     def per_label_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -140,6 +159,58 @@ class IEScorer:
             for label, counts in sorted(labels.items()):
                 rows.append({"metric": name, "label": label, **counts.as_dict()})
         return rows
+
+
+def _micro_f1(tp, pred, gold):
+    """Micro F1 in percent from count arrays (numpy, vectorised over resamples)."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(200.0 * tp / (pred + gold))
+
+
+def bootstrap_f1_interval(
+    rows: Sequence[tuple[int, int, int]], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float]:
+    """The ``level`` percentile interval of micro F1 (percent) over ``resamples`` bootstrap samples of
+    the records; ``rows`` holds each record's (tp, pred, gold). F1 = 2 tp / (pred + gold)."""
+    import numpy as np
+
+    if not rows:
+        return [0.0, 0.0]
+    counts = np.asarray(rows, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
+    sums = counts[picks].sum(axis=1)
+    scores = _micro_f1(sums[:, 0], sums[:, 1], sums[:, 2])
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(scores, [tail, 100 - tail])
+    return [round(float(low), 2), round(float(high), 2)]
+
+
+def paired_bootstrap_delta(
+    rows_a: Sequence[tuple[int, int, int]],
+    rows_b: Sequence[tuple[int, int, int]],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """F1(b) - F1(a) in points on the same records (paired: one resample of record indices serves
+    both), with its ``level`` percentile interval."""
+    import numpy as np
+
+    if len(rows_a) != len(rows_b):
+        raise ValueError(f"paired bootstrap needs the same records: {len(rows_a)} vs {len(rows_b)}")
+    if not rows_a:
+        return {"delta": 0.0, "ci95": [0.0, 0.0]}
+    a, b = np.asarray(rows_a, dtype=np.float64), np.asarray(rows_b, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    sa, sb = a[picks].sum(axis=1), b[picks].sum(axis=1)
+    deltas = _micro_f1(sb[:, 0], sb[:, 1], sb[:, 2]) - _micro_f1(sa[:, 0], sa[:, 1], sa[:, 2])
+    ta, tb = a.sum(axis=0), b.sum(axis=0)
+    point = float(_micro_f1(tb[0], tb[1], tb[2]) - _micro_f1(ta[0], ta[1], ta[2]))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return {"delta": round(point, 2), "ci95": [round(float(low), 2), round(float(high), 2)]}
 
 
 # The headline F1 of each task, used for "F1 per dataset".

@@ -23,6 +23,7 @@ answer's tokens and the end-of-turn token (no trailing newline), so the score is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -37,7 +38,7 @@ import torch
 
 from chatuie.chat import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
 from chatuie.judge import JudgeItem, JudgeResult
-from chatuie.modeling import trainer_safety_args
+from chatuie.modeling import load_saved, merge_lora, save_model, trainer_safety_args
 from chatuie.negatives import ConfusionTable, NegativeSettings, make_negatives
 from chatuie.output_format import render
 from chatuie.records import IE_TASKS, Record, Schema
@@ -343,14 +344,19 @@ def load_reward_base(sft_dir: str | Path, seed: int = 13):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(sft_dir)
-    if (path / "adapter_config.json").exists():
-        raise ValueError(
-            f"{path} holds a LoRA adapter: set sft.merge_lora: true to train a reward model on it"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    with contextlib.ExitStack() as stack:
+        if (path / "adapter_config.json").exists():
+            # A LoRA SFT model: its adapter folded into the base, the merged weights under the head.
+            merged, tokenizer = load_saved(path, dtype="float32")
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rm-base-")))
+            save_model(merge_lora(merged), tokenizer, path)
+            del merged
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch.float32
+            )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
