@@ -96,6 +96,10 @@ class LoraSettings:
     # Decoder layers that get adapters (None = all). The upper layers only: the backward pass stops
     # at the lowest adapted layer, a cheaper step on CPU.
     layers: list[int] | None = None
+    # float32: adapters in float32 over any base (peft's default: every adapted layer casts its input
+    # to float32 and back) | base: the base weights' dtype (bfloat16 over a bfloat16 base: no casts;
+    # bench/train.py measures both).
+    dtype: str = "float32"
 
 
 @dataclass
@@ -351,7 +355,9 @@ def _wrap_lora(model, lora: LoraSettings, added_token_ids: Sequence[int] = ()):
         layers_to_transform=lora.layers,
         trainable_token_indices=trainable_tokens,
     )
-    model = get_peft_model(model, peft_config)
+    if lora.dtype not in ("float32", "base"):
+        raise ValueError(f"model.lora.dtype: expected 'float32' or 'base', got {lora.dtype!r}")
+    model = get_peft_model(model, peft_config, autocast_adapter_dtype=lora.dtype == "float32")
     _expose_head_bias(model)
     return model
 
@@ -680,7 +686,9 @@ def _messages(sample: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in sample["messages"]]
 
 
-def _fitting(samples: Sequence[dict[str, Any]], tokenizer, max_length: int | None) -> list[dict[str, Any]]:
+def fitting_samples(
+    samples: Sequence[dict[str, Any]], tokenizer, max_length: int | None
+) -> list[dict[str, Any]]:
     """Samples whose whole chat fits ``max_length`` tokens.
 
     TRL would cut longer ones (keep_start): the answer loses its tail and its <|im_end|>, which teaches
@@ -715,6 +723,31 @@ def _unpatch_forward(model, patched_before: bool) -> None:
         del target.__dict__["forward"]
 
 
+def sft_trainer(
+    model,
+    tokenizer,
+    samples: Sequence[dict[str, Any]],
+    settings: TeachSettings,
+    output_dir: str | Path,
+    *,
+    eval_samples: Sequence[dict[str, Any]] | None = None,
+    callbacks: list | None = None,
+    **config_overrides: Any,
+):
+    """TRL's ``SFTTrainer`` as :func:`train_chat` builds it (samples already fitting ``max_length``);
+    bench/train.py times it against a bare loop over its own batches."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=sft_config(settings, output_dir, has_eval=bool(eval_samples), **config_overrides),
+        train_dataset=_chat_dataset(samples),
+        eval_dataset=_chat_dataset(eval_samples) if eval_samples else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
 def train_chat(
     model,
     tokenizer,
@@ -737,8 +770,6 @@ def train_chat(
     Works for full models and peft (LoRA) models alike; the trained model is returned (same object).
     ``config_overrides`` go to :func:`sft_config` (any ``SFTConfig`` field).
     """
-    from trl import SFTTrainer
-
     if not samples:
         raise ValueError("no training samples")
     out = Path(output_dir)
@@ -747,7 +778,7 @@ def train_chat(
     _drop_incomplete_after(out, checkpoint)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    fitting = _fitting(samples, tokenizer, settings.max_length)
+    fitting = fitting_samples(samples, tokenizer, settings.max_length)
     too_long = len(samples) - len(fitting)
     if too_long:
         logger.warning(
@@ -758,16 +789,11 @@ def train_chat(
         )
     if not fitting:
         raise ValueError(f"no training sample fits max_length={settings.max_length}")
-    eval_fitting = _fitting(eval_samples, tokenizer, settings.max_length) if eval_samples else None
-    args = sft_config(settings, out, has_eval=bool(eval_samples), **config_overrides)
+    eval_fitting = fitting_samples(eval_samples, tokenizer, settings.max_length) if eval_samples else None
     patched_before = "forward" in _lm(model).__dict__
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=_chat_dataset(fitting),
-        eval_dataset=_chat_dataset(eval_fitting) if eval_fitting else None,
-        processing_class=tokenizer,
-        callbacks=callbacks,
+    trainer = sft_trainer(
+        model, tokenizer, fitting, settings, out, eval_samples=eval_fitting, callbacks=callbacks,
+        **config_overrides,
     )
     finished = _finished_state(checkpoint, settings.max_steps)
     try:
