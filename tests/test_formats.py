@@ -699,3 +699,23 @@ def test_prepare_stage_fails_cleanly_on_a_bad_declared_file(tmp_path: Path, subp
     )
     assert proc.returncode == 1 and "'mine' is also in sft.datasets" in proc.stderr
     assert not (tmp_path / "data" / "records").exists()
+
+
+def test_chatuie_evaluate_refuses_bad_input_before_loading_a_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from chatuie.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ab", "label": [[0, 1, "X"]]}\n{"text": "ab", "label": [[0, 5, "X"]]}\n')
+    out = tmp_path / "pred.jsonl"
+    common = ["evaluate", "--model", str(tmp_path / "no-model"), "--data", str(bad), "--out", str(out)]
+    result = CliRunner().invoke(app, [*common, "--format", "doccano"])
+    assert result.exit_code == 1
+    assert f"error: {bad}:2: label 0: span [0, 5) is not in the text" in result.output
+    result = CliRunner().invoke(app, [*common, "--format", "conll"])
+    assert result.exit_code == 1 and "unknown format 'conll'" in result.output
+    bad.write_text('{"text": "ab", "label": [[0, 1, "X"]]}\n')
+    result = CliRunner().invoke(app, [*common, "--format", "doccano"])
+    assert result.exit_code == 1 and "no-model: no such model directory" in result.output
+    assert not out.exists() and not list(tmp_path.glob("pred*"))
