@@ -15,11 +15,12 @@ from pathlib import Path
 from _stage import run, section, set_threads
 
 from chatuie.chat import ChatOptions
+from chatuie.config import ConfigError
 from chatuie.evaluation import (
     EvalSettings,
     _subsample,
     evaluate_ceval,
-    evaluate_ie,
+    evaluate_dataset,
     evaluate_webqa,
     protocol_digest,
 )
@@ -37,8 +38,16 @@ class EvaluateStageConfig:
 
     settings: EvalSettings = field(default_factory=EvalSettings)
     datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    # Datasets never taught (prepare refuses one in sft.datasets): metrics/<model>.json "zero_shot",
+    # the report's zero-shot table; not in mean_ie_f1 nor in the protocol digest.
+    zero_shot: list[str] = field(default_factory=list)
     constraint_modes: list[str] = field(default_factory=lambda: ["constrained", "free"])
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        both = sorted(set(self.datasets) & set(self.zero_shot))
+        if both:
+            raise ConfigError(f"params.yaml: evaluate.zero_shot: {both[0]!r} is also in evaluate.datasets")
 
 
 def main() -> None:
@@ -55,17 +64,21 @@ def main() -> None:
     metrics: dict = {"ie": {}, "chat": {}}
     label_rows: list[dict] = []
     plot_rows: list[dict] = []
-    for dataset in config.datasets:
-        records = load_records(Path("data/records") / dataset / f"{IE_TEST[dataset]}.jsonl")
-        records = _subsample(records, settings.max_records_per_dataset, settings.seed)
-        for mode in config.constraint_modes:
-            result, rows, predictions = evaluate_ie(
-                model, tokenizer, records, chat, settings, constrained=mode == "constrained"
+    if config.zero_shot:
+        metrics["zero_shot"] = {}
+    for key, datasets in (("ie", config.datasets), ("zero_shot", config.zero_shot)):
+        for dataset in datasets:
+            path = Path("data/records") / dataset / f"{IE_TEST.get(dataset, 'test')}.jsonl"
+            if not path.exists():
+                raise ConfigError(f"params.yaml: evaluate.{key}: {dataset!r} has no test records ({path})")
+            results = evaluate_dataset(
+                model, tokenizer, load_records(path), chat, settings, config.constraint_modes
             )
-            metrics["ie"].setdefault(dataset, {})[mode] = result
-            label_rows.extend({"dataset": dataset, "mode": mode, **row} for row in rows)
-            write_jsonl(out_dir / f"predictions.{dataset}.{mode}.jsonl", predictions)
-            plot_rows.append({"model": name, "dataset": f"{dataset}/{mode}", "f1": result["f1"]})
+            for mode, (result, rows, predictions) in results.items():
+                metrics[key].setdefault(dataset, {})[mode] = result
+                label_rows.extend({"dataset": dataset, "mode": mode, **row} for row in rows)
+                write_jsonl(out_dir / f"predictions.{dataset}.{mode}.jsonl", predictions)
+                plot_rows.append({"model": name, "dataset": f"{dataset}/{mode}", "f1": result["f1"]})
     webqa = load_records(Path("data/records/webqa/test.jsonl"))
     metrics["chat"]["webqa"] = evaluate_webqa(
         model, tokenizer, _subsample(webqa, settings.max_chat_examples, settings.seed), chat, settings
@@ -84,6 +97,9 @@ def main() -> None:
         "ceval_accuracy": metrics["chat"]["ceval"]["accuracy"],
         "eval_protocol": protocol_digest(config.datasets, modes, settings),
     }
+    for dataset in config.zero_shot:
+        for mode in modes:
+            metrics["summary"][f"zero_shot_f1_{dataset}_{mode}"] = metrics["zero_shot"][dataset][mode]["f1"]
     metrics["seconds"] = round(time.monotonic() - started, 1)
     with atomic_open(out_dir / "per_label.csv") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(label_rows[0]))

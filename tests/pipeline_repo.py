@@ -19,6 +19,7 @@ PROJECT_FILES = [
     "flows",
     "data/raw.dvc",
     "data/.gitignore",
+    "data/user/README.md",
     ".dvc/config",
     ".dvcignore",
     "pyproject.toml",
@@ -73,4 +74,8 @@ def make_repo(dest: Path, profile: str | None = None) -> Path:
     # The committed remote is relative to the checkout (../../shared/dvc-store); here it is elsewhere.
     run(["dvc", "remote", "modify", "--local", "shared", "url", str(SHARED_STORE)], dest)
     run(["dvc", "pull", "-q", "data/raw.dvc"], dest)
+    if profile == "smoke":
+        # The smoke profile's declared datasets, tracked as a user would (docs/datasets.md).
+        shutil.copytree(ROOT / "tests" / "fixtures" / "user", dest / "data" / "user" / "smoke")
+        run(["dvc", "add", "-q", "data/user/smoke"], dest)
     return dest

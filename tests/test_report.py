@@ -111,6 +111,21 @@ def test_zero_shot_table_and_missing_values() -> None:
         build_report({})
 
 
+def test_zero_shot_key_of_the_evaluate_stage_fills_the_zero_shot_table() -> None:
+    """metrics/<model>.json from `evaluate` with `evaluate.zero_shot`: the datasets sit under
+    "zero_shot", not "ie"; the report needs no report.zero_shot for them."""
+    metrics = {}
+    for model, f1 in (("base", 1.0), ("sft", 7.5)):
+        data = metrics_of(1.0, ceval=30.0, webqa=25.0)
+        data["zero_shot"] = {"mine": {"constrained": ie_result(f1 + 1), "free": ie_result(f1)}}
+        metrics[model] = data
+    report = build_report(metrics, ReportConfig())
+    assert [r[0] for r in table(report, "IE F1 per dataset").rows] == ["resume", "conll04", "fewfc", "mean"]
+    zero = table(report, "Zero-shot IE F1 (datasets not taught in SFT)")
+    assert zero.rows == [["mine", "ner (entity)", "20", "1.00", "7.50", "8.50"]]
+    assert "mine" in report.markdown()
+
+
 def test_svg_charts_are_valid_xml() -> None:
     svg = bar_chart(
         "F1 <per> dataset", ["resume", "中文"], [("Base", [1.0, None]), ("SFT", [50.0, 20.0])], "F1"

@@ -4,6 +4,7 @@
     chatuie extract --schema schema.json -i in.jsonl -o out.jsonl     # resumable
     chatuie serve --model models/sft --port 8000 --api-key KEY
     chatuie view reports/eval/sft/predictions.conll04.constrained.jsonl -o view.html
+    chatuie evaluate --model models:/chatuie@production --data test.txt --format tagging
     chatuie report
     chatuie promote [--version N] | chatuie promote --rollback
 
@@ -194,6 +195,110 @@ def view(
     except ViewError as err:
         _fail(err)
     typer.echo(f"{output}: {count} records", err=True)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", "-d", help="The annotated file to score on.")],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="tagging | triples | duee | doccano | label_studio | records"),
+    ],
+    model: ModelOption = DEFAULT_MODEL,
+    task: Annotated[str | None, typer.Option(help="ner | re | ee (default: the format's).")] = None,
+    schema: Annotated[
+        Path | None, typer.Option("--schema", "-s", help="Schema file (default: inferred from the data).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Predictions JSONL (`chatuie view` renders it).")
+    ] = None,
+    params: Annotated[
+        Path, typer.Option(help="params.yaml whose evaluate section sets sampling and decoding.")
+    ] = Path("params.yaml"),
+    mode: Annotated[
+        list[str] | None, typer.Option(help="constrained / free (default: evaluate.constraint_modes).")
+    ] = None,
+    max_records: Annotated[
+        int | None, typer.Option(help="Seeded sample size (default: evaluate.settings; 0 = all).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
+    tag_scheme: Annotated[str, typer.Option(help="tagging: auto | bio | iob1 | bioes | bmes")] = "auto",
+    text_join: Annotated[str, typer.Option(help="tagging: auto | none | space")] = "auto",
+) -> None:
+    """Score a model on an annotated file, as the evaluate stage scores a zero-shot dataset."""
+    import dataclasses
+
+    from chatuie.config import ConfigError, build, load_params
+    from chatuie.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
+    from chatuie.evaluation import EvalSettings, evaluate_dataset
+    from chatuie.extract import load_model_ref
+    from chatuie.io import write_jsonl
+    from chatuie.records import ConversionError
+
+    try:
+        section = (load_params(params).get("evaluate") or {}) if params.is_file() else {}
+        settings = build(EvalSettings, section.get("settings"), f"{params}: evaluate.settings")
+        if max_records is not None:
+            settings = dataclasses.replace(settings, max_records_per_dataset=max_records)
+        modes = list(mode or section.get("constraint_modes") or ["constrained", "free"])
+        bad = [m for m in modes if m not in ("constrained", "free")]
+        if bad:
+            _fail(f"--mode {bad[0]!r}: expected constrained or free")
+        if not data.is_file():
+            _fail(f"{data}: no such file")
+        stem = data.name.split(".")[0]
+        spec = DeclaredDataset(
+            name=name or (stem if stem.replace("_", "").replace("-", "").isalnum() else "data"),
+            task=task or default_task(fmt, data),
+            format=fmt,
+            files={"test": str(data)},
+            schema=str(schema) if schema else None,
+            options=FormatOptions(tag_scheme=tag_scheme, text_join=text_join),
+        )
+        records = convert_declared(spec).splits["test"]
+        _threads(threads)
+        loaded, tokenizer, _ = load_model_ref(model)
+        from chatuie.chat import prompt_options_for
+
+        source = getattr(loaded, "name_or_path", None) or getattr(loaded.config, "_name_or_path", None)
+        chat = prompt_options_for(source, params)
+        results = evaluate_dataset(loaded, tokenizer, records, chat, settings, modes)
+    except (ConfigError, ConversionError, ExtractError) as err:
+        _fail(err)
+    metrics = {spec.name: {m: result for m, (result, _, _) in results.items()}}
+    if out is not None:
+        for m, (_, _, predictions) in results.items():
+            path = out if len(modes) == 1 else out.with_name(f"{out.stem}.{m}{out.suffix}")
+            write_jsonl(path, predictions)
+            typer.echo(f"{path}: {len(predictions)} predictions ({m})", err=True)
+    if as_json:
+        typer.echo(json.dumps(metrics, ensure_ascii=False, indent=2, sort_keys=True))
+        return
+    typer.echo(_f1_text(spec.name, spec.task, metrics[spec.name]))
+
+
+def _f1_text(dataset: str, task: str, results: dict[str, dict]) -> str:
+    """The F1 table: per mode the headline P / R / F1, the other F1s, validity, invented spans."""
+    from chatuie.metrics import HEADLINE
+
+    headline = HEADLINE[task]
+    lines = [f"{dataset} ({task}, headline {headline})"]
+    header = ["mode", "records", "P", "R", "F1"]
+    others = sorted({k for r in results.values() for k, v in r.items() if isinstance(v, dict)} - {headline})
+    header += [f"{k} F1" for k in others] + ["valid JSON %", "invented %"]
+    rows = [header]
+    for m, r in results.items():
+        head = r[headline]
+        rows.append(
+            [m, str(r["records"]), f"{head['precision']:.2f}", f"{head['recall']:.2f}", f"{r['f1']:.2f}"]
+            + [f"{r[k]['f1']:.2f}" if k in r else "-" for k in others]
+            + [f"{r['json_validity']:.2f}", f"{r['invented_span_rate']:.2f}"]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
 
 
 @app.command()

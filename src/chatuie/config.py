@@ -71,6 +71,18 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is list and not isinstance(value, list):
         raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if origin is list and typing.get_args(hint) and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        item = typing.get_args(hint)[0]
+        return [_built(item, entry, f"{where}[{i}]") for i, entry in enumerate(value)]
     if origin is dict and not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     return value
+
+
+def _built(cls: type[T], data: Any, where: str) -> T:
+    """A dataclass list item; its own checks (``__post_init__``) get ``where`` prefixed."""
+    try:
+        return build(cls, data, where)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None

@@ -268,6 +268,28 @@ def evaluate_ie(
     return metrics, scorer.per_label_rows(), predictions
 
 
+def test_records(records: list[Record], settings: EvalSettings) -> list[Record]:
+    """The records a dataset is scored on: a large test split is seeded-sampled, the same for
+    every model (the pipeline and ``chatuie evaluate`` alike)."""
+    return _subsample(records, settings.max_records_per_dataset, settings.seed)
+
+
+def evaluate_dataset(
+    model,
+    tokenizer,
+    records: list[Record],
+    chat: ChatOptions,
+    settings: EvalSettings,
+    constraint_modes: list[str],
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]:
+    """``{mode: (metrics, per-label rows, predictions)}`` of one dataset's (sampled) test records."""
+    chosen = test_records(records, settings)
+    return {
+        mode: evaluate_ie(model, tokenizer, chosen, chat, settings, constrained=mode == "constrained")
+        for mode in constraint_modes
+    }
+
+
 def _plain(structure: dict[str, list]) -> dict[str, list]:
     from dataclasses import asdict
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from chatuie.config import ConfigError
 from chatuie.converters import ceval, conll04, fewfc, resume, webqa
-from chatuie.io import write_jsonl
+from chatuie.converters.formats import DeclaredDataset, DeclaredResult, convert_declared, notes_summary
+from chatuie.io import write_json, write_jsonl
 from chatuie.records import Record
+
+log = logging.getLogger(__name__)
+BUILTIN = ("resume", "conll04", "fewfc", "webqa", "ceval")
+# Declared datasets' files live here: the folder is a dependency of the prepare stage (dvc.yaml).
+USER_DATA = "data/user"
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,38 @@ class PrepareConfig:
 
     webqa_test_size: int = 1000
     seed: int = 13
+    # Your own data (docs/datasets.md): converted beside the built-in five.
+    datasets: list[DeclaredDataset] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for spec in self.datasets:
+            where = f"params.yaml: prepare.datasets ({spec.name})"
+            if spec.name in BUILTIN or spec.name in seen:
+                raise ConfigError(f"{where}: name {spec.name!r} is already taken")
+            seen.add(spec.name)
+            for path in spec.paths():
+                pure = PurePosixPath(path)
+                if pure.is_absolute() or ".." in pure.parts or pure.parts[:2] != tuple(USER_DATA.split("/")):
+                    raise ConfigError(
+                        f"{where}: {path}: must be a path under {USER_DATA}/ (the folder the prepare "
+                        "stage depends on; see docs/datasets.md)"
+                    )
+
+
+def check_zero_shot(zero_shot: list[str], sft_datasets: list[str], config: PrepareConfig) -> None:
+    """Zero-shot datasets are never taught: not in ``sft.datasets``, no train split, and known."""
+    declared = {d.name: d for d in config.datasets}
+    for name in zero_shot:
+        where = f"params.yaml: evaluate.zero_shot: {name!r}"
+        if name in sft_datasets:
+            raise ConfigError(f"{where} is also in sft.datasets (zero-shot data is never taught)")
+        if name not in declared and name not in BUILTIN:
+            raise ConfigError(f"{where} is not a dataset (declare it in prepare.datasets)")
+        if name in declared and "test" not in declared[name].files:
+            raise ConfigError(f"{where} has no test split (prepare.datasets files.test)")
+        if name in declared and "train" in declared[name].files:
+            raise ConfigError(f"{where} declares a train split: zero-shot data is never taught, leave it out")
 
 
 def _converters(config: PrepareConfig) -> dict[str, tuple[str, Callable[[Path], dict[str, list[Record]]]]]:
@@ -32,8 +72,33 @@ def _converters(config: PrepareConfig) -> dict[str, tuple[str, Callable[[Path], 
 
 
 def convert_all(raw_dir: Path, config: PrepareConfig) -> dict[str, dict[str, list[Record]]]:
-    """Every dataset converted in memory (a bad raw line raises before anything is written)."""
+    """Every built-in dataset converted in memory (a bad raw line raises before anything is written)."""
     return {name: convert(raw_dir / folder) for name, (folder, convert) in _converters(config).items()}
+
+
+def convert_user(config: PrepareConfig, root: Path = Path(".")) -> dict[str, DeclaredResult]:
+    """Every declared dataset converted in memory."""
+    return {spec.name: convert_declared(spec, root) for spec in config.datasets}
+
+
+def write_user_extras(results: dict[str, DeclaredResult], out_dir: Path, counts: dict[str, Any]) -> None:
+    """Beside each declared dataset's records: ``schema.json`` (given or inferred, as a schema
+    file) and ``conversion.json`` (counted notes, the first ones located); notes join the counts."""
+    for name, result in results.items():
+        write_json(out_dir / name / "schema.json", result.schema)
+        every = [note for notes in result.notes.values() for note in notes]
+        write_json(
+            out_dir / name / "conversion.json",
+            {"schema_inferred": result.inferred, "notes": notes_summary(every)},
+        )
+        for split, notes in result.notes.items():
+            summary = notes_summary(notes)
+            if summary["counts"]:
+                counts[name][split]["notes"] = summary["counts"]
+        for note in every[:5]:
+            log.warning("%s: %s: %s (%s)", name, note.where, note.detail, note.kind)
+        if len(every) > 5:
+            log.warning("%s: %d notes in all (%s)", name, len(every), out_dir / name / "conversion.json")
 
 
 def record_counts(records: list[Record]) -> dict[str, int]:
@@ -48,6 +113,9 @@ def record_counts(records: list[Record]) -> dict[str, int]:
         counts["arguments"] = sum(len(e.arguments) for r in records for e in r.events)
     if task == "qa":
         counts["answers_not_in_evidence"] = sum(not r.meta.get("answer_in_text", True) for r in records)
+    ambiguous = sum(r.meta.get("ambiguous_spans", 0) for r in records)
+    if ambiguous:
+        counts["ambiguous_spans"] = ambiguous
     repaired = sum("repaired" in r.meta for r in records)
     if repaired:
         counts["repaired"] = repaired

@@ -545,6 +545,21 @@ def line_chart(
 # the report
 
 
+def _fold_zero_shot(metrics: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The evaluate stage writes zero-shot datasets under their own key (``zero_shot``, beside
+    ``ie``): read them as IE results, and remember which they are."""
+    names: set[str] = set()
+    out: dict[str, dict[str, Any]] = {}
+    for model, data in metrics.items():
+        extra = _get(data, "zero_shot")
+        if isinstance(extra, dict) and extra:
+            names.update(extra)
+            out[model] = {**data, "ie": {**(_get(data, "ie") or {}), **extra}}
+        else:
+            out[model] = data
+    return out, names
+
+
 def build_report(
     metrics: dict[str, dict[str, Any]],
     config: ReportConfig | None = None,
@@ -557,8 +572,9 @@ def build_report(
     config = config or ReportConfig()
     if not metrics:
         raise ReportError("no metrics to report: run the evaluate stage first (metrics/<model>.json)")
+    metrics, evaluated_zero_shot = _fold_zero_shot(metrics)
     datasets = _datasets(metrics)
-    zero_shot = [d for d in datasets if d in config.zero_shot]
+    zero_shot = [d for d in datasets if d in config.zero_shot or d in evaluated_zero_shot]
     in_domain = [d for d in datasets if d not in zero_shot]
     tables = [f1_table(metrics, in_domain, "IE F1 per dataset")]
     if zero_shot:
