@@ -9,7 +9,8 @@ project's record texts and gold answers (so JSON punctuation merges into words, 
 vocabularies) and a randomly initialised Llama. ``--model DIR`` loads a saved model directory.
 
     python bench/decoding.py                       # tiny random model
-    python bench/decoding.py --model models/sft    # a real checkpoint
+    python bench/decoding.py --model models/sft    # a real checkpoint (LoRA merged)
+    python bench/decoding.py --model models/sft --dtype bfloat16 --out bench/results/decoding_gemma_bf16.json
     python bench/decoding.py --profile bench/results/decoding.prof
 """
 
@@ -27,8 +28,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessor,
@@ -39,6 +38,7 @@ from transformers import (
 from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
 from chatuie.constrained import IEConstraintProcessor, IERequest, clear_caches, token_table
 from chatuie.io import read_jsonl
+from chatuie.modeling import load_saved, merge_lora
 from chatuie.output_format import render
 from chatuie.records import Record, Schema
 
@@ -289,6 +289,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="a saved model directory (default: random local model)")
+    parser.add_argument("--dtype", default="float32", help="--model's weights: float32 | bfloat16")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -305,13 +306,14 @@ def main() -> None:
 
     start = time.perf_counter()
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+        # As the evaluate stage loads it: a LoRA adapter merged into its base, in --dtype.
+        model, tokenizer = load_saved(args.model, dtype=args.dtype)
+        model = merge_lora(model).eval()
         if torch.cuda.is_available():
             model = model.cuda()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model_desc = str(args.model)
+        model_desc = f"{args.model} ({args.dtype})"
     else:
         tokenizer = local_tokenizer(args.vocab_size)
         model = local_model(tokenizer, args.hidden, args.layers, args.seed)
