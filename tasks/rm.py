@@ -42,7 +42,8 @@ class RMStageConfig:
 def main() -> None:
     config = section("rm", RMStageConfig)
     set_threads(config.threads)
-    if relaunch(config.launch):  # processes > 1: the workers trained and rank 0 wrote the outputs
+    batch = (config.train.per_device_batch_size, config.train.gradient_accumulation)
+    if relaunch(config.launch, batch=batch):  # processes > 1: the workers trained, rank 0 wrote outputs
         return
     settings = config.train
     started = time.monotonic()

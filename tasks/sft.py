@@ -82,7 +82,8 @@ def main() -> None:
     model_config = section("model", ModelConfig)
     config = section("sft", SFTStageConfig)
     set_threads(config.threads)
-    if relaunch(config.launch):  # processes > 1: the workers trained and rank 0 wrote the outputs
+    batch = (config.train.per_device_batch_size, config.train.gradient_accumulation)
+    if relaunch(config.launch, batch=batch):  # processes > 1: the workers trained, rank 0 wrote outputs
         return
     started = time.monotonic()
     samples = select_samples(list(read_jsonl(Path("data/samples/train.jsonl"))), config)

@@ -110,6 +110,8 @@ def test_launch_command_and_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="processes"):
         LaunchSettings(processes=0)
     assert relaunch(LaunchSettings()) is False  # one process: the stage trains itself
+    with pytest.raises(LaunchError, match="does not divide"):  # before any worker starts
+        relaunch(LaunchSettings(processes=2), ["tasks/sft.py"], batch=(3, 1))
 
 
 def _section_readers() -> dict[str, type]:

@@ -215,17 +215,23 @@ def _threads(settings: LaunchSettings) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
-def relaunch(settings: LaunchSettings, argv: Sequence[str] | None = None) -> bool:
+def relaunch(
+    settings: LaunchSettings, argv: Sequence[str] | None = None, *, batch: tuple[int, int] | None = None
+) -> bool:
     """Run this stage in ``settings.processes`` workers; True once they succeeded (return then).
 
     False: this process trains (``processes == 1``, or it is a worker: then its torch threads are
     set and a watchdog ends it if its launcher dies). A failed worker raises ``SystemExit``.
+    ``batch``: the stage's ``(per_device_batch_size, gradient_accumulation)``, checked to divide
+    over the processes before any worker starts.
     """
     if is_worker():
         _as_worker(settings)
         return False
     if settings.processes <= 1:
         return False
+    if batch is not None:
+        per_process_batch(*batch, settings.processes)
     argv = list(sys.argv if argv is None else argv)
     command = launch_command(settings, argv)
     threads = _threads(settings)
