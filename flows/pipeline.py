@@ -13,6 +13,13 @@ Prefect's UI draws the same graph.
   run (comments kept) and left there, so the workspace, dvc.lock and MLflow agree afterwards.
 * ``CHATUIE_EXECUTION_ID=prefect-<flow run id>`` groups the stage runs under one MLflow parent run.
 * A markdown artifact (key ``chatuie-pipeline``) lists the stages, their metrics and MLflow runs.
+* Stages in ``flow.remote_stages`` (e.g. ``[sft, rm, rl]``) run as flow runs of the stage deployment
+  (``chatuie-stage/<flow.stage_deployment>``, :func:`stage_flow`, registered on the work pool
+  ``flow.work_pool`` by ``python flows/deploy.py deploy-stage``): a worker of that pool (a GPU
+  machine) picks each up and runs ``dvc repro --single-item`` in the deployment's checkout; this
+  flow waits for it (a subflow run of its task run). That checkout is the deployment's ``root``
+  parameter: this repository on a shared filesystem (or the same machine), so outputs and
+  dvc.lock land here; the MLflow run joins this execution's parent run (same server).
 
 Run once: ``python flows/pipeline.py [--set key=value ...] [--target stage ...] [--force]``.
 """
@@ -38,6 +45,7 @@ from chatuie.config import build, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "chatuie-pipeline"
+STAGE_FLOW = "chatuie-stage"  # the flow of one stage (flow.remote_stages run as its deployment's runs)
 if str(ROOT / "tasks") not in sys.path:  # the stage entry points' shared module: stage names
     sys.path.insert(0, str(ROOT / "tasks"))
 
@@ -60,6 +68,14 @@ class FlowConfig:
     retry_delay_seconds: float = 30.0
     deployment: str = "nightly"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Stages run by a worker of a work pool (a GPU machine) instead of in this flow's process.
+    remote_stages: list[str] = field(default_factory=list)
+    work_pool: str = "gpu"  # the pool `flows/deploy.py deploy-stage` registers the stage deployment on
+    stage_deployment: str = "stage"  # the deployment chatuie-stage/<this>
+
+    @property
+    def stage_deployment_name(self) -> str:
+        return f"{STAGE_FLOW}/{self.stage_deployment}"
 
 
 def flow_config(root: str | Path = ROOT) -> FlowConfig:
@@ -173,6 +189,51 @@ def _is_flaky(stage: str, config: FlowConfig) -> bool:
     return stage in config.flaky_stages or stage.split("@")[0] in config.flaky_stages
 
 
+def _is_remote(stage: str, config: FlowConfig) -> bool:
+    return stage in config.remote_stages or stage.split("@")[0] in config.remote_stages
+
+
+@flow(name=STAGE_FLOW, flow_run_name="{stage}")
+def stage_flow(
+    stage: str, root: str, execution: str = "", execution_name: str = "", force: bool = False
+) -> dict[str, Any]:
+    """One DVC stage as a flow run of its own: what a work pool's worker runs for ``remote_stages``.
+
+    ``root``: the checkout on the worker's machine (the deployment's parameter). ``execution``: the
+    pipeline's MLflow execution id, so the stage's run joins the pipeline's parent run.
+    """
+    from prefect.runtime import flow_run
+
+    env = _stage_env(execution or f"prefect-{flow_run.id}", execution_name or f"prefect {flow_run.name}")
+    return run_stage(stage, str(Path(root).resolve()), env, force)
+
+
+@task(name="remote-stage", task_run_name="{stage}")
+def run_remote_stage(
+    stage: str, deployment: str, execution: str, execution_name: str, force: bool = False
+) -> dict[str, Any]:
+    """Run ``stage`` as a flow run of ``deployment`` (a worker of its pool picks it up); wait for it."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    started = time.monotonic()
+    parameters = {"stage": stage, "execution": execution, "execution_name": execution_name, "force": force}
+    logger.info("stage %s: a run of deployment %s", stage, deployment)
+    remote = run_deployment(name=deployment, parameters=parameters, timeout=None, poll_interval=2)
+    seconds = round(time.monotonic() - started, 1)
+    if not remote.state or not remote.state.is_completed():
+        state = remote.state.name if remote.state else "unknown"
+        raise StageFailed(
+            f"stage {stage}: flow run {remote.name} of {deployment} ended {state} after {seconds}s"
+        )
+    try:
+        status = remote.state.result()["status"]  # the worker's result store, where readable from here
+    except Exception:
+        status = "ran"
+    logger.info("stage %s: flow run %s (%s) %s", stage, remote.name, remote.id, status)
+    return {"stage": stage, "status": status, "seconds": seconds, "flow_run": str(remote.id)}
+
+
 def _headline(flat: dict[str, float]) -> dict[str, float]:
     """The metrics worth a table row: a summary block if there is one, else shallow keys."""
     summary = {k: v for k, v in flat.items() if k.startswith("summary.")}
@@ -225,19 +286,23 @@ def pipeline(
     config = flow_config(repo)
     nodes = stage_graph(repo, targets)
     execution = f"prefect-{flow_run.id}"
-    env = _stage_env(execution, f"prefect {flow_run.name}")
+    execution_name = f"prefect {flow_run.name}"
+    env = _stage_env(execution, execution_name)
     futures: dict[str, Any] = {}
     results: dict[str, dict] = {}
     try:
         for node in nodes:
-            stage_task = run_stage
+            upstream = [futures[u] for u in node.upstream if u in futures]
+            if _is_remote(node.name, config):
+                stage_task = run_remote_stage
+                args: tuple = (node.name, config.stage_deployment_name, execution, execution_name, force)
+            else:
+                stage_task, args = run_stage, (node.name, str(repo), env, force)
             if _is_flaky(node.name, config):
-                stage_task = run_stage.with_options(
+                stage_task = stage_task.with_options(
                     retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
                 )
-            future = stage_task.submit(
-                node.name, str(repo), env, force, wait_for=[futures[u] for u in node.upstream if u in futures]
-            )
+            future = stage_task.submit(*args, wait_for=upstream)
             futures[node.name] = future
             try:
                 results[node.name] = future.result()  # one at a time: DVC locks the repository

@@ -16,6 +16,7 @@ from _stage import run, section, set_threads
 
 from chatuie.config import ConfigError
 from chatuie.io import atomic_open, read_jsonl, write_json
+from chatuie.launch import LaunchSettings, is_main_process, relaunch
 from chatuie.reward import (
     RewardTrainSettings,
     load_reward_base,
@@ -35,11 +36,15 @@ class RMStageConfig:
     train: RewardTrainSettings = field(default_factory=RewardTrainSettings)
     train_accuracy_pairs: int = 200  # training pairs re-scored after training (fit check; 0 = none)
     threads: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.launch)
 
 
 def main() -> None:
     config = section("rm", RMStageConfig)
     set_threads(config.threads)
+    batch = (config.train.per_device_batch_size, config.train.gradient_accumulation)
+    if relaunch(config.launch, batch=batch):  # processes > 1: the workers trained, rank 0 wrote outputs
+        return
     settings = config.train
     started = time.monotonic()
     pairs = list(read_jsonl(Path("data/reward/pairs.jsonl")))
@@ -51,8 +56,13 @@ def main() -> None:
         model, tokenizer = load_reward_base(Path("models/sft"), settings.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    before = pairwise_accuracy(model, tokenizer, held, settings.eval_batch_size, settings.max_length)
+    main = is_main_process()  # data-parallel: rank 0 alone measures and writes
+    before = {}
+    if main:
+        before = pairwise_accuracy(model, tokenizer, held, settings.eval_batch_size, settings.max_length)
     result = train_reward_model(model, tokenizer, train, settings)
+    if not main:
+        return
     model = result.model
     after = pairwise_accuracy(model, tokenizer, held, settings.eval_batch_size, settings.max_length)
     fit = sample_records(train, config.train_accuracy_pairs, settings.seed, "rm-fit")

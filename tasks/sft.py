@@ -17,6 +17,7 @@ from base import write_loss_curve
 from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
 from chatuie.io import read_jsonl, write_json
+from chatuie.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
 from chatuie.modeling import (
     ModelConfig,
     TeachSettings,
@@ -48,6 +49,7 @@ class SFTStageConfig:
     train: TeachSettings = field(default_factory=TeachSettings)
     merge_lora: bool = False
     threads: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.launch)
     seed: int = 13
 
     def __post_init__(self) -> None:
@@ -80,6 +82,9 @@ def main() -> None:
     model_config = section("model", ModelConfig)
     config = section("sft", SFTStageConfig)
     set_threads(config.threads)
+    batch = (config.train.per_device_batch_size, config.train.gradient_accumulation)
+    if relaunch(config.launch, batch=batch):  # processes > 1: the workers trained, rank 0 wrote outputs
+        return
     started = time.monotonic()
     samples = select_samples(list(read_jsonl(Path("data/samples/train.jsonl"))), config)
     # LoRA (if configured) wraps the saved base; the tiny default trains all weights.
@@ -91,8 +96,10 @@ def main() -> None:
         "samples": [s["id"] for s in samples],
         "base": file_digest("models/base"),
     }
-    resume = claim_checkpoints(checkpoints, identity)
+    resume = decided_by_main(claim_checkpoints, checkpoints, identity, cpu=config.train.device == "cpu")
     result = train_sft(model, tokenizer, samples, config.train, checkpoints, resume=resume)
+    if not is_main_process():
+        return
     model = result.model
     if config.merge_lora:
         model = merge_lora(model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smoke_pipeline import VENV_BIN, clone, env
+from smoke_pipeline import VENV_BIN, clone, env, sh
 
 from chatuie import tracking
 
@@ -298,3 +299,90 @@ def test_deployment_to_a_work_pool(smoke_run, prefect_server) -> None:
     assert deployment.entrypoint == "flows/pipeline.py:pipeline"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert json.loads(json.dumps(deployment.parameters)) == {"root": str(smoke_run.snapshot.resolve())}
+
+
+@pytest.mark.slow
+def test_remote_stage_runs_on_a_work_pool_worker(smoke_run, prefect_server, tmp_path: Path) -> None:
+    """flow.remote_stages: [sft] sends sft to the stage deployment on a process work pool; a worker
+    started here runs it; the outputs and the MLflow run are those of the local smoke run."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deploy_stage
+    from flows.pipeline import pipeline
+
+    repo = clone(smoke_run.snapshot, tmp_path / "repo")
+    for out in ("models/sft", "models/checkpoints/sft"):  # same params: sft must run, as it did locally
+        shutil.rmtree(repo / out)
+    apply_overrides(repo / "params.yaml", {"flow.remote_stages": ["sft"], "flow.work_pool": "gpu-test"})
+    _wait(prefect_server["healthy"], "the Prefect server", timeout=180)
+    url = prefect_server["url"]
+    worker_log = tmp_path / "worker.log"
+    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="gpu-test", type="process"))
+        deployment_id = deploy_stage(root=repo)  # flow.work_pool, flow.stage_deployment
+        worker = subprocess.Popen(
+            [str(VENV_BIN / "prefect"), "worker", "start", "--pool", "gpu-test", "--type", "process"],
+            cwd=tmp_path,
+            env=env(
+                PREFECT_API_URL=url,
+                PREFECT_HOME=str(prefect_server["home"]),
+                PREFECT_WORKER_QUERY_SECONDS="2",
+            ),
+            stdout=open(worker_log, "w"),  # noqa: SIM115 (closed with the process)
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            state = pipeline(root=str(repo), targets=["sft"], return_state=True)
+        finally:
+            worker.terminate()  # a worker shuts down gracefully; under load that can take a while
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(timeout=30)
+        assert state.is_completed(), worker_log.read_text()[-3000:]
+        result = state.result()
+        _, task_runs, _ = _read_back(state.state_details.flow_run_id)
+        (remote,) = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+        deployment = client.read_deployment(deployment_id)
+        link = client.read_task_run(remote.parent_task_run_id)  # run_deployment's link to the caller
+
+    assert deployment.name == "stage"
+    assert deployment.work_pool_name == "gpu-test"
+    assert remote.state.is_completed() and remote.work_pool_name == "gpu-test"
+    assert link.flow_run_id == state.state_details.flow_run_id  # a subflow run of the pipeline's
+    assert task_runs["sft"].state.is_completed()
+    assert remote.parameters["stage"] == "sft" and remote.parameters["execution"] == result["execution_id"]
+    stages = result["stages"]
+    assert stages["sft"]["status"] == "ran" and stages["sft"]["flow_run"] == str(remote.id)
+    assert all(stages[s]["status"] == "skipped" for s in ("prepare", "samples", "validate", "base"))
+
+    # The outputs: what the local run wrote; dvc.lock has the stage and it is up to date.
+    local = smoke_run.snapshot
+    for path in ("metrics/train/sft.json", "metrics/train/sft_loss.csv"):
+        assert (repo / path).is_file()
+    got, want = (json.loads((r / "metrics/train/sft.json").read_text()) for r in (repo, local))
+    assert got["steps"] == want["steps"] and got["final_loss"] == pytest.approx(want["final_loss"], rel=1e-6)
+    assert "sft" not in sh(["dvc", "status", "sft"], repo)  # "Data and pipelines are up to date."
+
+    # The MLflow run: one run of stage sft, in this flow run's execution, as the local one.
+    def sft_runs(root: Path) -> list:
+        client = MlflowClient(tracking.tracking_uri(root))
+        experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+        where = f"tags.`{tracking.TAG_STAGE}` = 'sft' and tags.`{tracking.TAG_KIND}` = 'stage'"
+        return client.search_runs([experiment.experiment_id], filter_string=where)
+
+    (run,) = sft_runs(repo)
+    (local_run,) = sft_runs(smoke_run.repo)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_EXECUTION] == result["execution_id"]
+    assert run.data.params == local_run.data.params
+    assert run.data.tags[tracking.TAG_DEPS] == local_run.data.tags[tracking.TAG_DEPS]
+    assert run.data.metrics["final_loss"] == pytest.approx(local_run.data.metrics["final_loss"], rel=1e-6)
+    assert run.data.metrics.keys() == local_run.data.metrics.keys()

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from chatuie.launch import is_main_process, per_process_batch
 from chatuie.packaged import (
     GEMMA_CHAT_TEMPLATE,
     GEMMA_TURN_TOKENS,
@@ -638,6 +639,9 @@ def trainer_safety_args(device: str, seed: int) -> dict[str, Any]:
         "report_to": [],
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
+        # Data-parallel runs (chatuie.launch): every parameter gets a gradient in these dense models;
+        # transformers' default (True without checkpointing) costs an extra autograd traversal.
+        "ddp_find_unused_parameters": False,
     }
 
 
@@ -648,13 +652,15 @@ def sft_config(settings: TeachSettings, output_dir: str | Path, *, has_eval: boo
     if settings.device not in ("cpu", "auto"):
         raise ValueError(f"device: expected 'cpu' or 'auto', got {settings.device!r}")
     save = settings.save_steps > 0
+    # Data-parallel (chatuie.launch): the params' batch x accumulation is the global batch.
+    batch, accumulation = per_process_batch(settings.per_device_batch_size, settings.gradient_accumulation)
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "max_steps": settings.max_steps,
         "learning_rate": settings.learning_rate,
-        "per_device_train_batch_size": settings.per_device_batch_size,
-        "per_device_eval_batch_size": settings.per_device_batch_size,
-        "gradient_accumulation_steps": settings.gradient_accumulation,
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
         # transformers 5 dropped warmup_ratio: a float < 1 in warmup_steps is the ratio.
         "warmup_steps": settings.warmup_ratio,
         "weight_decay": settings.weight_decay,
@@ -775,7 +781,8 @@ def train_chat(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = last_checkpoint(out) if resume else None
-    _drop_incomplete_after(out, checkpoint)
+    if is_main_process():  # data-parallel: rank 0 alone removes folders (chatuie.launch)
+        _drop_incomplete_after(out, checkpoint)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     fitting = fitting_samples(samples, tokenizer, settings.max_length)

@@ -38,6 +38,7 @@ import torch
 
 from chatuie.chat import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
 from chatuie.judge import JudgeItem, JudgeResult
+from chatuie.launch import per_process_batch
 from chatuie.modeling import load_saved, merge_lora, save_model, trainer_safety_args
 from chatuie.negatives import ConfusionTable, NegativeSettings, make_negatives
 from chatuie.output_format import render
@@ -425,12 +426,14 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
 
     if settings.device not in ("cpu", "auto"):
         raise ValueError(f"device: expected 'cpu' or 'auto', got {settings.device!r}")
+    # Data-parallel (chatuie.launch): the params' batch x accumulation is the global batch.
+    batch, accumulation = per_process_batch(settings.per_device_batch_size, settings.gradient_accumulation)
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "max_steps": settings.max_steps,
         "learning_rate": settings.learning_rate,
-        "per_device_train_batch_size": settings.per_device_batch_size,
-        "gradient_accumulation_steps": settings.gradient_accumulation,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
         "warmup_steps": settings.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
         "weight_decay": settings.weight_decay,
         "lr_scheduler_type": settings.lr_scheduler,
