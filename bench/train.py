@@ -50,20 +50,21 @@ from chatuie.modeling import (  # noqa: E402
 )
 
 ALL_LINEAR = ["all-linear"]
-# name -> (ModelConfig changes, TeachSettings changes, compile)
-VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
-    "lora-bf16": ({"dtype": "bfloat16"}, {}, False),
-    "lora-bf16-nodropout": ({"dtype": "bfloat16", "lora_changes": {"dropout": 0.0}}, {}, False),
-    "lora-bf16-nodropout-bf16adapters": (
-        {"dtype": "bfloat16", "lora_changes": {"dropout": 0.0, "dtype": "base"}},
-        {},
-        False,
-    ),
-    "lora-fp32": ({"dtype": "float32"}, {}, False),
-    "lora-bf16-upper-half": ({"dtype": "bfloat16", "lora_layers": "upper-half"}, {}, False),
-    "lora-bf16-packing": ({"dtype": "bfloat16"}, {"packing": True}, False),
-    "lora-bf16-compile": ({"dtype": "bfloat16"}, {}, True),
-    "full-fp32": ({"dtype": "float32", "lora": None}, {}, False),
+# name -> (base dtype, LoRA changes (None: full fine-tuning), TeachSettings changes, compile). LoRA
+# changes apply to the profile's rank and targets with peft's defaults (dropout 0.05, float32
+# adapters); "upper-half" puts adapters on the upper half of the layers only.
+FP32_DROPOUT = {"dropout": 0.05, "dtype": "float32"}
+NO_DROPOUT = {"dropout": 0.0, "dtype": "float32"}
+BF16_ADAPTERS = {"dropout": 0.0, "dtype": "base"}
+VARIANTS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], bool]] = {
+    "lora-bf16": ("bfloat16", FP32_DROPOUT, {}, False),
+    "lora-bf16-nodropout": ("bfloat16", NO_DROPOUT, {}, False),
+    "lora-bf16-nodropout-bf16adapters": ("bfloat16", BF16_ADAPTERS, {}, False),
+    "lora-bf16-bf16adapters-upper-half": ("bfloat16", {**BF16_ADAPTERS, "layers": "upper-half"}, {}, False),
+    "lora-bf16-bf16adapters-packing": ("bfloat16", BF16_ADAPTERS, {"packing": True}, False),
+    "lora-bf16-bf16adapters-compile": ("bfloat16", BF16_ADAPTERS, {}, True),
+    "lora-fp32": ("float32", NO_DROPOUT, {}, False),
+    "full-fp32": ("float32", None, {}, False),
 }
 
 
@@ -75,25 +76,20 @@ class StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def _lora(model_config: ModelConfig, layers: str | None, num_layers: int) -> LoraSettings | None:
-    lora = model_config.lora
-    if lora is None or layers is None:
-        return lora
-    return replace(lora, layers=list(range(num_layers // 2, num_layers)))
+def _lora(profile: LoraSettings | None, changes: dict[str, Any] | None, num_layers: int):
+    if changes is None:
+        return None
+    changes = dict(changes)
+    if changes.pop("layers", None) == "upper-half":
+        changes["layers"] = list(range(num_layers // 2, num_layers))
+    reference = profile or LoraSettings(r=16, alpha=32, target_modules=ALL_LINEAR)
+    return replace(reference, **{"layers": None, **changes})
 
 
 def measure(name: str, model_dir: Path, base_config: ModelConfig, stage: SFTStageConfig, samples, steps: int):
-    model_changes, train_changes, compile_model = VARIANTS[name]
-    model_changes = dict(model_changes)
-    layers = model_changes.pop("lora_layers", None)
-    lora_changes = model_changes.pop("lora_changes", {})
-    config = replace(base_config, **model_changes)
-    if base_config.lora is None and "lora" not in model_changes:
-        config = replace(config, lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=ALL_LINEAR))
-    if config.lora is not None:
-        config = replace(config, lora=replace(config.lora, **lora_changes))
+    dtype, lora_changes, train_changes, compile_model = VARIANTS[name]
     num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    config = replace(config, lora=_lora(config, layers, num_layers))
+    config = replace(base_config, dtype=dtype, lora=_lora(base_config.lora, lora_changes, num_layers))
     settings = replace(stage.train, max_steps=steps, save_steps=0, logging_steps=1, **train_changes)
     model, tokenizer = load_model(config, str(model_dir))
     if compile_model:
