@@ -42,12 +42,27 @@ class EvaluateStageConfig:
     # the report's zero-shot table; not in mean_ie_f1 nor in the protocol digest.
     zero_shot: list[str] = field(default_factory=list)
     constraint_modes: list[str] = field(default_factory=lambda: ["constrained", "free"])
+    # Per model, modes instead of constraint_modes (the first is the headline): the ablation where
+    # it is read, e.g. {base: [constrained], rl: [constrained]} evaluates "free" on sft alone.
+    model_constraint_modes: dict[str, list[str]] = field(default_factory=dict)
     threads: int = 0
 
     def __post_init__(self) -> None:
         both = sorted(set(self.datasets) & set(self.zero_shot))
         if both:
             raise ConfigError(f"params.yaml: evaluate.zero_shot: {both[0]!r} is also in evaluate.datasets")
+        for model, modes in {"": self.constraint_modes, **self.model_constraint_modes}.items():
+            where = "constraint_modes" if not model else f"model_constraint_modes.{model}"
+            unknown = sorted(set(modes) - {"constrained", "free"})
+            if not modes or unknown:
+                raise ConfigError(
+                    f"params.yaml: evaluate.{where}: {unknown[0] if unknown else 'empty'!r}; "
+                    "expected a non-empty list of 'constrained' / 'free'"
+                )
+
+    def modes_for(self, model: str) -> list[str]:
+        """The constraint modes ``model`` is evaluated in; the first is its headline."""
+        return self.model_constraint_modes.get(model, self.constraint_modes)
 
 
 def main() -> None:
@@ -56,6 +71,7 @@ def main() -> None:
     chat: ChatOptions = section("samples", SamplesConfig).chat
     set_threads(config.threads)
     settings = config.settings
+    modes = config.modes_for(name)
     started = time.monotonic()
     # A LoRA adapter is folded into its base: one matmul per layer instead of three at every step.
     model, tokenizer = load_saved(Path("models") / name, dtype=settings.dtype)
@@ -72,7 +88,7 @@ def main() -> None:
             if not path.exists():
                 raise ConfigError(f"params.yaml: evaluate.{key}: {dataset!r} has no test records ({path})")
             results = evaluate_dataset(
-                model, tokenizer, load_records(path), chat, settings, config.constraint_modes
+                model, tokenizer, load_records(path), chat, settings, modes
             )
             for mode, (result, rows, predictions) in results.items():
                 metrics[key].setdefault(dataset, {})[mode] = result
@@ -87,7 +103,6 @@ def main() -> None:
     metrics["chat"]["ceval"] = evaluate_ceval(
         model, tokenizer, _subsample(ceval, settings.max_chat_examples, settings.seed), chat, settings
     )
-    modes = config.constraint_modes
     metrics["summary"] = {
         **{f"f1_{d}_{m}": metrics["ie"][d][m]["f1"] for d in config.datasets for m in modes},
         "mean_ie_f1": round(

@@ -338,12 +338,9 @@ def test_remote_stage_runs_on_a_work_pool_worker(smoke_run, prefect_server, tmp_
         try:
             state = pipeline(root=str(repo), targets=["sft"], return_state=True)
         finally:
-            worker.terminate()  # a worker shuts down gracefully; under load that can take a while
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(timeout=30)
+            # The remote flow run has ended by now; a graceful worker shutdown only costs time (~30 s).
+            worker.kill()
+            worker.wait(timeout=30)
         assert state.is_completed(), worker_log.read_text()[-3000:]
         result = state.result()
         _, task_runs, _ = _read_back(state.state_details.flow_run_id)

@@ -97,6 +97,17 @@ def test_f1_table_columns_and_rl_column() -> None:
     assert table(report, "IE F1 per dataset").header[-1] == "SFT + constraint"
     assert "RL" not in table(report, "Chat ability retained").header
 
+    # Base evaluated under the constraint alone (evaluate.model_constraint_modes): its column says so.
+    base_constrained = {
+        **metrics["base"],
+        "ie": {d: {"constrained": r["constrained"]} for d, r in metrics["base"]["ie"].items()},
+    }
+    report = build_report({**metrics, "base": base_constrained})
+    f1 = table(report, "IE F1 per dataset")
+    assert f1.header[3] == "Base + constraint"
+    rows = {r[0]: r for r in f1.rows}
+    assert rows["resume"][3] == f"{metrics['base']['ie']['resume']['constrained']['f1']:.2f}"
+
 
 def test_zero_shot_table_and_missing_values() -> None:
     metrics = {"sft": metrics_of(1.0, ceval=30.0, webqa=25.0, zero_shot=True)}

@@ -242,9 +242,18 @@ def _invented(result: Any) -> float | None:
     return _num(_get(result, "invented_span_rate"))
 
 
+def _modes(data: Any) -> set[str]:
+    return {mode for result in (_get(data, "ie") or {}).values() for mode in result}
+
+
 def _columns(metrics: dict[str, dict[str, Any]]) -> list[Column]:
     # The RL column only when the RL model was evaluated; the others always (a dash shows a gap).
-    return [c for c in COLUMNS if c.model != "rl" or c.model in metrics]
+    columns = [c for c in COLUMNS if c.model != "rl" or c.model in metrics]
+    base_modes = _modes(metrics.get("base"))
+    if base_modes and "free" not in base_modes and "constrained" in base_modes:
+        # Base evaluated under the constraint alone (evaluate.model_constraint_modes): say so.
+        columns[0] = Column("Base + constraint", "base", "constrained")
+    return columns
 
 
 def f1_table(metrics: dict[str, dict[str, Any]], datasets: list[str], title: str) -> Table:
