@@ -74,9 +74,9 @@ def main() -> None:
             vocab_size=len(tokenizer),
         )
         write_loss_curve(Path("metrics/train/base_loss.csv"), result.loss_log)
-    elif packaged_name(model_config.base):
+    elif name := packaged_name(model_config.base):
         # Assembled from the installed package, dequantized, saved as safetensors (+ Gemma terms).
-        pin = convert(packaged_name(model_config.base), OUT, dtype=packaged_dtype(model_config.dtype))
+        pin = convert(name, OUT, dtype=packaged_dtype(model_config.dtype))
         write_json(OUT / NOTE_FILE, {"kind": "full", "dtype": packaged_dtype(model_config.dtype)})
         metrics.update(packaged=dataclasses.asdict(pin), parameters=_parameters(OUT))
         model = None

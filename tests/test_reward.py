@@ -264,6 +264,20 @@ def test_reward_model_trains_and_reports_accuracy(project: Path, tmp_path: Path)
     )
 
 
+def test_frozen_embeddings_stay_while_the_rest_trains(project: Path) -> None:
+    records = [r for d in IE for r in fixture_records(copies=2)[d]["train"]]
+    pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)
+    model, tokenizer = load_reward_base(project / "models" / "sft", seed=3)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    score = model.score.weight.detach().clone()
+    settings = RewardTrainSettings(
+        max_steps=2, per_device_batch_size=4, learning_rate=1e-3, max_length=1024, freeze_embeddings=True
+    )
+    trained = train_reward_model(model, tokenizer, pairs, settings).model
+    assert torch.equal(trained.get_input_embeddings().weight, embedding)
+    assert not torch.equal(trained.score.weight, score)
+
+
 # --------------------------------------------------------------------- the stages, against a server
 
 

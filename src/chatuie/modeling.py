@@ -380,9 +380,9 @@ def load_model(config: ModelConfig, path_or_id: str | None = None, *, texts: Ite
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = path_or_id or config.base
-    if packaged_name(source):
+    if name := packaged_name(source):
         # A packaged model, converted once into the local cache (the base stage writes models/base).
-        source = str(materialize(installed_pin(packaged_name(source)), dtype=packaged_dtype(config.dtype)))
+        source = str(materialize(installed_pin(name), dtype=packaged_dtype(config.dtype)))
     if source == "tiny":
         if texts is None:
             raise ValueError("model.base 'tiny' is built from scratch: pass texts to train its tokenizer")
