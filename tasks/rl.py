@@ -53,6 +53,7 @@ class RLStageConfig:
     max_prompt_length: int = 448  # tokens; longer prompts are left out
     ppo: PPOSettings = field(default_factory=PPOSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    freeze_embeddings: bool = False  # policy and value model keep the SFT input embedding
     seed: int = 13
     threads: int = 0
     device: str = "cpu"
@@ -63,6 +64,7 @@ class RLStageConfig:
             kl_coef=self.kl_coef,
             ppo=self.ppo,
             grpo=self.grpo,
+            freeze_embeddings=self.freeze_embeddings,
             seed=self.seed,
             device=self.device,
         )

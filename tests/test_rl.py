@@ -178,6 +178,32 @@ def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+def test_ppo_with_frozen_embeddings_trains_the_rest(project: Path, prompts: list[dict[str, Any]]) -> None:
+    sft = project / "models" / "sft"
+    policy, tokenizer = load_saved(sft, trainable=True)
+    ref, _ = load_saved(sft)
+    reward_model, _ = load_reward_model(project / "models" / "rm")
+    value_model, _ = load_reward_model(project / "models" / "rm")
+    embeddings = [m.get_input_embeddings().weight.detach().clone() for m in (policy, value_model)]
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    config = RLConfig(
+        kl_coef=0.1,
+        freeze_embeddings=True,
+        ppo=PPOSettings(
+            total_episodes=2,
+            per_device_batch_size=2,
+            local_rollout_forward_batch_size=2,
+            num_ppo_epochs=1,
+            response_length=8,
+            learning_rate=1e-3,
+        ),
+    )
+    result = train_ppo(policy, ref, reward_model, value_model, tokenizer, prompts, config)
+    for model, embedding in zip((result.model, value_model), embeddings, strict=True):
+        assert torch.equal(model.get_input_embeddings().weight, embedding)
+    assert any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+
+
 def test_ppo_rejects_a_shared_reference(project: Path, prompts: list[dict[str, Any]]) -> None:
     policy, tokenizer = load_saved(project / "models" / "sft", trainable=True)
     with pytest.raises(ValueError, match="separate copy"):

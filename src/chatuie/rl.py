@@ -103,6 +103,9 @@ class RLConfig:
     ppo: PPOSettings = field(default_factory=PPOSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     logging_steps: int = 1
+    # The input embedding (and a head tied to it) stays as SFT left it, in the policy and the value
+    # model: on Gemma it is 170 M of 268 M parameters, ~4 GB of gradients and Adam state for PPO.
+    freeze_embeddings: bool = False
     seed: int = 13
     device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
@@ -372,6 +375,8 @@ def train_ppo(
     batch = config.ppo.per_device_batch_size * config.ppo.gradient_accumulation
     if len(prompts) < batch:
         raise ValueError(f"PPO needs at least one full batch of prompts ({batch}), got {len(prompts)}")
+    if config.freeze_embeddings:
+        freeze_input_embeddings(policy, value_model)
     encode = PairTokenizer(tokenizer)
     dataset = Dataset.from_dict({"input_ids": [encode.prompt_ids(p["prompt"]) for p in prompts]})
     tokenizer.padding_side = "left"  # queries are left-padded; TRL masks the pad token out
@@ -410,6 +415,12 @@ def train_ppo(
     policy.eval()
     _restore_generation(policy, tokenizer)
     return RLResult(policy, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
+
+
+def freeze_input_embeddings(*models) -> None:
+    """No gradient for each model's input embedding (nor for an output head tied to it)."""
+    for model in models:
+        model.get_input_embeddings().weight.requires_grad_(False)
 
 
 def _restore_generation(model, tokenizer) -> None:
@@ -482,6 +493,8 @@ def train_grpo(
     if s.constrained_rollouts:
         _experimental_ok()
         rollout = ConstrainedRollout(prompts, s.max_completion_length, s.temperature)
+    if config.freeze_embeddings:
+        freeze_input_embeddings(policy)
     tokenizer.padding_side = "left"
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="grpo-") as scratch:
