@@ -10,8 +10,9 @@ setup:
 repro:
 	dvc repro
 
+# Two workers: most of the suite waits on subprocesses and servers; see tests/conftest.py.
 test:
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadgroup
 
 lint:
 	ruff check .
