@@ -10,9 +10,8 @@ setup:
 repro:
 	dvc repro
 
-# Two workers: most of the suite waits on subprocesses and servers; see tests/conftest.py.
 test:
-	python -m pytest -q -n 2 --dist loadgroup
+	python -m pytest -q
 
 lint:
 	ruff check .

@@ -14,15 +14,6 @@ VENV_BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "tasks"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: two workers, --dist loadgroup), every test of the one smoke
-    pipeline run shares a worker, and every other module stays on one worker, so no session or
-    module fixture (the smoke run, the Gemma conversion, a server) is built twice."""
-    for item in items:
-        group = "smoke" if "smoke_run" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def raw_dir() -> Path:
     if not (RAW / "resume_ner" / "train.char.bmes").exists():
