@@ -17,7 +17,7 @@ def test_constraint_modes_per_model() -> None:
     )
     assert config.modes_for("base") == ["constrained"]
     assert config.modes_for("sft") == ["constrained", "free"]
-    # The default profile runs the free-decoding ablation on sft only.
+    # Whatever the default profile narrows, sft keeps the free-decoding ablation.
     default = build(EvaluateStageConfig, load_params(ROOT / "params.yaml")["evaluate"], "evaluate")
     assert "free" in default.modes_for("sft")
 

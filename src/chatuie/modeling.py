@@ -622,6 +622,12 @@ def _drop_incomplete_after(output_dir: Path, keep: Path | None) -> None:
             shutil.rmtree(path)
 
 
+def freeze_input_embeddings(*models) -> None:
+    """No gradient for each model's input embedding (nor for an output head tied to it)."""
+    for model in models:
+        model.get_input_embeddings().weight.requires_grad_(False)
+
+
 def trainer_safety_args(device: str, seed: int) -> dict[str, Any]:
     """The arguments every TRL config here shares: seeded, CPU-safe, quiet.
 

@@ -39,7 +39,13 @@ import torch
 from chatuie.chat import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
 from chatuie.judge import JudgeItem, JudgeResult
 from chatuie.launch import per_process_batch
-from chatuie.modeling import load_saved, merge_lora, save_model, trainer_safety_args
+from chatuie.modeling import (
+    freeze_input_embeddings,
+    load_saved,
+    merge_lora,
+    save_model,
+    trainer_safety_args,
+)
 from chatuie.negatives import ConfusionTable, NegativeSettings, make_negatives
 from chatuie.output_format import render
 from chatuie.records import IE_TASKS, Record, Schema
@@ -474,7 +480,7 @@ def train_reward_model(
             "%d of %d pairs exceed max_length=%d tokens: left out", too_long, len(pairs), settings.max_length
         )
     if settings.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
+        freeze_input_embeddings(model)
     with tempfile.TemporaryDirectory(prefix="rm-") as scratch:
         args = reward_config(settings, output_dir or scratch, **config_overrides)
         trainer = RewardTrainer(

@@ -32,7 +32,7 @@ import torch
 
 from chatuie.chat import ChatOptions
 from chatuie.judge import JudgeItem, reference_score
-from chatuie.modeling import trainer_safety_args
+from chatuie.modeling import freeze_input_embeddings, trainer_safety_args
 from chatuie.output_format import ground
 from chatuie.records import Record, Schema
 from chatuie.reward import PairTokenizer, instructions, sample_records, score_sequences
@@ -415,12 +415,6 @@ def train_ppo(
     policy.eval()
     _restore_generation(policy, tokenizer)
     return RLResult(policy, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
-
-
-def freeze_input_embeddings(*models) -> None:
-    """No gradient for each model's input embedding (nor for an output head tied to it)."""
-    for model in models:
-        model.get_input_embeddings().weight.requires_grad_(False)
 
 
 def _restore_generation(model, tokenizer) -> None:
