@@ -139,14 +139,20 @@ def test_compare_subcommand_writes_rl_vs_sft(tmp_path: Path, monkeypatch: pytest
 # ----------------------------------------------------------------------------------------------- PPO
 
 
-def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
-    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
-) -> None:
+def ppo_models(project: Path) -> tuple[Any, Any, Any, Any, Any]:
+    """Policy (trainable), its tokenizer, a separate reference, the reward and the value model."""
     sft = project / "models" / "sft"
     policy, tokenizer = load_saved(sft, trainable=True)
     ref, _ = load_saved(sft)
     reward_model, _ = load_reward_model(project / "models" / "rm")
     value_model, _ = load_reward_model(project / "models" / "rm")
+    return policy, tokenizer, ref, reward_model, value_model
+
+
+def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
+    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    policy, tokenizer, ref, reward_model, value_model = ppo_models(project)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     config = RLConfig(
         algorithm="ppo",
@@ -179,11 +185,7 @@ def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
 
 
 def test_ppo_with_frozen_embeddings_trains_the_rest(project: Path, prompts: list[dict[str, Any]]) -> None:
-    sft = project / "models" / "sft"
-    policy, tokenizer = load_saved(sft, trainable=True)
-    ref, _ = load_saved(sft)
-    reward_model, _ = load_reward_model(project / "models" / "rm")
-    value_model, _ = load_reward_model(project / "models" / "rm")
+    policy, tokenizer, ref, reward_model, value_model = ppo_models(project)
     embeddings = [m.get_input_embeddings().weight.detach().clone() for m in (policy, value_model)]
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     config = RLConfig(
