@@ -6,7 +6,6 @@ Applied with ``setdefault`` on import of :mod:`chatuie`: a value the user export
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from pathlib import Path
@@ -43,12 +42,10 @@ def bound_heap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     ``MALLOC_MMAP_THRESHOLD_``, which glibc applied at start). True when it was set."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        # The process's own symbols: libc is loaded already, and find_library would spawn ldconfig
+        # on every import of chatuie.
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
 
