@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from chatuie import tracking
 from chatuie.config import build, load_params
+from chatuie.gate import PromotionPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "chatuie-promotion"
@@ -36,7 +37,7 @@ def promote_flow(
         decision = tracking.rollback(name=name, root=repo)
     else:
         rules = build(
-            tracking.PromotionPolicy, {**(params.get("promote") or {}), **(policy or {})}, "promote"
+            PromotionPolicy, {**(params.get("promote") or {}), **(policy or {})}, "promote"
         )
         decision = tracking.promote(version, rules, name=name, root=repo)
     get_run_logger().info("%s version %s -> %s: %s", name, decision.version, decision.alias, decision.reason)

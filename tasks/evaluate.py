@@ -1,7 +1,8 @@
 """Stage `evaluate <model>`: IE F1 with the constraint on and off, chat ability; foreach model.
 
-Writes metrics/<model>.json (DVC metrics), reports/eval/<model>/per_label.csv, predictions, and
-rows of metrics/f1_by_dataset/<model>.csv for the F1-per-dataset plot.
+Writes metrics/<model>.json (DVC metrics), reports/eval/<model>/per_label.csv, predictions (per
+IE record and per chat question), and rows of metrics/f1_by_dataset/<model>.csv for the
+F1-per-dataset plot.
 """
 
 from __future__ import annotations
@@ -95,14 +96,13 @@ def main() -> None:
                 label_rows.extend({"dataset": dataset, "mode": mode, **row} for row in rows)
                 write_jsonl(out_dir / f"predictions.{dataset}.{mode}.jsonl", predictions)
                 plot_rows.append({"model": name, "dataset": f"{dataset}/{mode}", "f1": result["f1"]})
-    webqa = load_records(Path("data/records/webqa/test.jsonl"))
-    metrics["chat"]["webqa"] = evaluate_webqa(
-        model, tokenizer, _subsample(webqa, settings.max_chat_examples, settings.seed), chat, settings
-    )
-    ceval = load_records(Path("data/records/ceval/val.jsonl"))
-    metrics["chat"]["ceval"] = evaluate_ceval(
-        model, tokenizer, _subsample(ceval, settings.max_chat_examples, settings.seed), chat, settings
-    )
+    # Per-question rows too: what rl_compare and the gate resample for chat-metric intervals.
+    chat_sets = (("webqa", "test", evaluate_webqa), ("ceval", "val", evaluate_ceval))
+    for dataset, split, evaluate_chat in chat_sets:
+        questions = load_records(Path("data/records") / dataset / f"{split}.jsonl")
+        chosen = _subsample(questions, settings.max_chat_examples, settings.seed)
+        metrics["chat"][dataset], rows = evaluate_chat(model, tokenizer, chosen, chat, settings)
+        write_jsonl(out_dir / f"predictions.{dataset}.jsonl", rows)
     metrics["summary"] = {
         **{f"f1_{d}_{m}": metrics["ie"][d][m]["f1"] for d in config.datasets for m in modes},
         "mean_ie_f1": round(

@@ -2,9 +2,10 @@
 
 Logs models/<register.model> (a full model with the MLflow transformers flavor; a LoRA adapter as
 artifacts with its base) into this stage's run, registers it as a new version of
-`register.registered_model` with metrics/<model>.json's summary as version tags, and (with
-`register.gate`) gates it: alias `production` if it beats production by the `promote` section's
-margins (or passes its floors when there is no production yet), else `candidate`.
+`register.registered_model` with metrics/<model>.json's summary as version tags and the per-record
+scores of reports/eval/<model>/ as the run's record_scores.json, and (with `register.gate`) gates
+it: alias `production` if the paired interval of its gain over production clears the `promote`
+section's margin (or it passes the floors when there is no production yet), else `candidate`.
 Writes metrics/register.json: the version, whether it is production, and why.
 """
 
@@ -16,9 +17,11 @@ from pathlib import Path
 
 from _stage import run, section
 
+from chatuie.comparison import record_scores
 from chatuie.config import ConfigError
+from chatuie.gate import PromotionPolicy
 from chatuie.io import write_json
-from chatuie.tracking import PromotionPolicy, promote, register_model
+from chatuie.tracking import promote, register_model
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,15 @@ def main() -> None:
         raise ConfigError(
             f"params.yaml: register.model: {metrics_path} not found (evaluate that model first)"
         )
-    summary = json.loads(metrics_path.read_text(encoding="utf-8"))["summary"]
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    # Each test record's counts go with the version: the gate pairs them with production's.
+    scores = record_scores(Path("reports/eval") / config.model, metrics)
     version = register_model(
-        Path("models") / config.model, summary, name=config.registered_model, model_key=config.model
+        Path("models") / config.model,
+        metrics["summary"],
+        name=config.registered_model,
+        model_key=config.model,
+        record_scores=scores,
     )
     result: dict = {"version": version, "model": config.model}
     if config.gate:

@@ -4,14 +4,11 @@
 policy with ``save_model`` (so ``tasks/evaluate.py rl`` works unchanged); metrics/rl_train.json
 has the algorithm, steps, reward at the start and end, KL and seconds.
 
-``python tasks/rl.py compare sft rl`` (stage `rl_compare`) reads metrics/sft.json and
-metrics/rl.json (the evaluate stage's) and writes metrics/rl_vs_sft.json: the F1 gained per
-dataset and constraint mode, and the chat-metric change.
+What RL changed over SFT is stage `rl_compare` (tasks/rl_compare.py).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +17,7 @@ from _stage import run, section, set_threads
 
 from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
-from chatuie.io import read_json, write_json
+from chatuie.io import write_json
 from chatuie.modeling import full_weights, load_saved, merge_lora, save_model
 from chatuie.prepare import load_records
 from chatuie.reward import load_reward_model
@@ -28,7 +25,6 @@ from chatuie.rl import (
     GRPOSettings,
     PPOSettings,
     RLConfig,
-    compare_runs,
     prompt_lengths,
     rl_prompts,
     summarize,
@@ -110,21 +106,5 @@ def train() -> None:
     print({k: v for k, v in metrics.items() if k != "log"})
 
 
-def compare(base: str, new: str) -> None:
-    result = compare_runs(
-        read_json(Path("metrics") / f"{base}.json"), read_json(Path("metrics") / f"{new}.json"), base, new
-    )
-    write_json(Path("metrics") / f"{new}_vs_{base}.json", result)
-    print(result["summary"])
-
-
-def main() -> None:
-    if sys.argv[1:2] == ["compare"]:
-        base, new = (sys.argv[2:4] + ["sft", "rl"][len(sys.argv[2:4]) :])[:2]
-        compare(base, new)
-    else:
-        train()
-
-
 if __name__ == "__main__":
-    run(main)
+    run(train)

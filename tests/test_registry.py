@@ -19,7 +19,7 @@ import pytest
 from smoke_pipeline import VENV_BIN, clone, env, params, sh
 
 from chatuie import tracking
-from chatuie.tracking import PromotionPolicy, decide
+from chatuie.gate import PromotionPolicy, decide
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
@@ -170,7 +170,10 @@ def test_worse_run_becomes_candidate_not_production(worse_run: Path) -> None:
     assert version.tags["chatuie.model"] == "base"
     assert _alias(client, "candidate") == 2 and _alias(client, "production") == 1
     assert version.tags["promotion.decision"] == "candidate"
-    assert "mean_ie_f1 gain +0.00 < 0.5" in version.tags["promotion.reason"]
+    reason = version.tags["promotion.reason"]
+    assert "mean_ie_f1 gain" in reason and "95% CI" in reason and "not above 0 (noise)" in reason, reason
+    low, high = json.loads(version.tags["promotion.mean_ie_f1_gain_ci95"])
+    assert low <= 0.0 <= high or high <= 0.0  # base is no better than the production model
     assert json.loads((worse_run / "metrics" / "register.json").read_text())["production"] is False
     # `dvc exp run` is a dvc process too: its stage runs group as an execution of their own.
     run = client.get_run(version.run_id)
@@ -192,7 +195,7 @@ def _promote_cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_promote_by_hand_then_roll_back(worse_run: Path, tmp_path: Path) -> None:
     lenient = tmp_path / "params.yaml"
-    lenient.write_text("promote:\n  min_f1_gain: 0.0\n  max_chat_drop: 1.0\n  floor_mean_ie_f1: 0.0\n")
+    lenient.write_text("promote:\n  min_f1_gain: -100.0\n  max_chat_drop: 1.0\n  floor_mean_ie_f1: 0.0\n")
     proc = _promote_cli(worse_run, "--version", "2", "--params", str(lenient))
     assert proc.returncode == 0, proc.stderr
     decision = json.loads(proc.stdout.strip().splitlines()[-1])

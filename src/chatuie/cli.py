@@ -334,7 +334,8 @@ def promote(
     import dataclasses
 
     from chatuie.config import ConfigError, build, load_params
-    from chatuie.tracking import PromotionPolicy, TrackingError
+    from chatuie.gate import PromotionPolicy
+    from chatuie.tracking import TrackingError
     from chatuie.tracking import promote as gate
     from chatuie.tracking import rollback as roll_back
 

@@ -298,33 +298,45 @@ def _plain(structure: dict[str, list]) -> dict[str, list]:
 
 def evaluate_webqa(
     model, tokenizer, records: list[Record], chat: ChatOptions, settings: EvalSettings
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, one row per question: its answer and scores, what paired comparisons resample)."""
     prompts = [_prompt(tokenizer, qa_user_prompt(r), chat) for r in records]
     answers = []
     for batch in tqdm(list(_batches(prompts, settings.batch_size)), desc="webqa"):
         answers.extend(
             generate_free(model, tokenizer, batch, settings.webqa_max_new_tokens, settings.batch_size)
         )
-    em = sum(exact_match(a, r.answer or "") for a, r in zip(answers, records, strict=True))
-    rouge = sum(char_rouge1_f1(a, r.answer or "") for a, r in zip(answers, records, strict=True))
+    rows = [
+        {
+            "id": r.id,
+            "answer": a,
+            "reference": r.answer or "",
+            "exact_match": float(exact_match(a, r.answer or "")),
+            "rouge1_char_f1": round(char_rouge1_f1(a, r.answer or ""), 6),
+        }
+        for a, r in zip(answers, records, strict=True)
+    ]
     n = max(len(records), 1)
-    return {
-        "exact_match": round(100 * em / n, 2),
-        "rouge1_char_f1": round(100 * rouge / n, 2),
+    metrics = {
+        "exact_match": round(100 * sum(row["exact_match"] for row in rows) / n, 2),
+        "rouge1_char_f1": round(100 * sum(row["rouge1_char_f1"] for row in rows) / n, 2),
         "examples": len(records),
     }
+    return metrics, rows
 
 
 @torch.no_grad()
 def evaluate_ceval(
     model, tokenizer, records: list[Record], chat: ChatOptions, settings: EvalSettings
-) -> dict[str, Any]:
-    """Accuracy by the next-token log-likelihood of each option letter after the prompt."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy by the next-token log-likelihood of each option letter after the prompt; with one
+    row per question (its choice, and whether it is right)."""
     letters = ["A", "B", "C", "D"]
     letter_ids = [tokenizer.encode(x, add_special_tokens=False)[0] for x in letters]
     tokenizer.padding_side = "left"
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
     prompts = [_prompt(tokenizer, mcq_user_prompt(r), chat) for r in records]
     for start in tqdm(range(0, len(records), settings.batch_size), desc="ceval"):
         batch = prompts[start : start + settings.batch_size]
@@ -335,11 +347,13 @@ def evaluate_ceval(
         for record, index in zip(records[start : start + settings.batch_size], choice, strict=True):
             category = record.meta.get("category", "all")
             hit = letters[index] == record.answer
-            for key in (category, "all"):
+            rows.append({"id": record.id, "choice": letters[index], "correct": float(hit)})
+            for key in {category, "all"}:
                 total[key] += 1
                 correct[key] += hit
-    return {
+    metrics = {
         "accuracy": round(100 * correct["all"] / max(total["all"], 1), 2),
         "per_category": {k: round(100 * correct[k] / total[k], 2) for k in sorted(total) if k != "all"},
         "examples": total["all"],
     }
+    return metrics, rows

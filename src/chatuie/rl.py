@@ -550,39 +550,3 @@ def summarize(result: RLResult, config: RLConfig) -> dict[str, Any]:
         "seconds": result.seconds,
         "log": result.log,
     }
-
-
-def compare_runs(
-    base: dict[str, Any], new: dict[str, Any], base_name: str = "sft", new_name: str = "rl"
-) -> dict[str, Any]:
-    """F1 gained per dataset and mode, and the chat-metric change, between two evaluate metrics."""
-
-    def delta(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else round(b - a, 2)
-
-    ie: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
-    for dataset, modes in new.get("ie", {}).items():
-        for mode, result in modes.items():
-            before = base.get("ie", {}).get(dataset, {}).get(mode, {})
-            row = {
-                base_name: before.get("f1"),
-                new_name: result.get("f1"),
-                "f1_gain": delta(before.get("f1"), result.get("f1")),
-            }
-            row["json_validity_change"] = delta(before.get("json_validity"), result.get("json_validity"))
-            row["invented_span_rate_change"] = delta(
-                before.get("invented_span_rate"), result.get("invented_span_rate")
-            )
-            ie.setdefault(dataset, {})[mode] = row
-            summary[f"f1_gain_{dataset}_{mode}"] = row["f1_gain"]
-    chat: dict[str, Any] = {}
-    for dataset, key in (("webqa", "rouge1_char_f1"), ("webqa", "exact_match"), ("ceval", "accuracy")):
-        a = base.get("chat", {}).get(dataset, {}).get(key)
-        b = new.get("chat", {}).get(dataset, {}).get(key)
-        chat[f"{dataset}_{key}"] = {base_name: a, new_name: b, "change": delta(a, b)}
-        summary[f"{dataset}_{key}_change"] = delta(a, b)
-    summary["mean_ie_f1_gain"] = delta(
-        base.get("summary", {}).get("mean_ie_f1"), new.get("summary", {}).get("mean_ie_f1")
-    )
-    return {"models": [base_name, new_name], "ie": ie, "chat": chat, "summary": summary}

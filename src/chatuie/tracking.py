@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chatuie.comparison import RECORD_SCORES_FILE
+from chatuie.gate import PromotionPolicy, decide
 from chatuie.io import write_json
 from chatuie.packaged import PACKAGED_PREFIX
 
@@ -655,6 +657,7 @@ def register_model(
     *,
     name: str = REGISTERED_MODEL,
     model_key: str = "",
+    record_scores: Mapping[str, Any] | None = None,
     root: str | Path | None = None,
 ) -> int:
     """Log ``model_dir`` (a chatuie.modeling.save_model directory) and register it as a new version.
@@ -662,7 +665,9 @@ def register_model(
     A full model goes in with the MLflow transformers flavor (weights copied from the directory, no
     load); a LoRA adapter is logged as artifacts with its base: a local base directory is bundled
     under ``base/``, a hub id is kept as a reference. ``summary`` (metrics/<model>.json's summary)
-    becomes the version's tags; the gate (:func:`promote`) compares those.
+    becomes the version's tags; the gate (:func:`promote`) compares those, and pairs
+    ``record_scores`` (chatuie.comparison.record_scores, logged as the run's record_scores.json)
+    with production's for the interval of the gain.
     Logs into the active run (the register stage's) or, outside a stage, into a run of its own.
     """
     import mlflow
@@ -695,6 +700,8 @@ def register_model(
             mlflow.log_metrics(
                 {_key(f"registered.{k}"): float(v) for k, v in summary.items() if _number(v) is not None}
             )
+            if record_scores is not None:
+                mlflow.log_dict(dict(record_scores), RECORD_SCORES_FILE)
             if note.get("kind") == "lora":
                 version = _register_adapter(client, model_dir, note, name, tags, run.info.run_id)
             else:
@@ -827,21 +834,6 @@ def _assemble_flavor_dir(local: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class PromotionPolicy:
-    """``promote`` section of params.yaml: the gate a registered version passes to be production."""
-
-    min_f1_gain: float = 0.5  # summary.mean_ie_f1 points the candidate must gain over production
-    max_chat_drop: float = 0.05  # largest relative drop of each chat metric vs production (0.05 = 5 %)
-    floor_mean_ie_f1: float = 1.0  # a first model (no production yet) needs at least this...
-    # ...and these chat scores; their keys are also the chat metrics compared with production.
-    floor_chat: dict[str, float] = field(default_factory=lambda: {"webqa_rouge1": 0.0, "ceval_accuracy": 0.0})
-    ie_metric: str = "mean_ie_f1"
-    # True: compare scores although production was evaluated under another protocol (evaluate
-    # params changed since); a deliberate, reviewable choice for the one run after such a change.
-    allow_protocol_change: bool = False
-
-
-@dataclass(frozen=True)
 class Decision:
     version: int
     promoted: bool
@@ -853,62 +845,33 @@ class Decision:
 PROTOCOL_TAG = "eval_protocol"  # metrics/<model>.json summary -> version tag (evaluation.protocol_digest)
 
 
-def decide(
-    candidate: Mapping[str, float],
-    production: Mapping[str, float] | None,
-    policy: PromotionPolicy,
-    *,
-    protocols: tuple[str | None, str | None] = (None, None),
-) -> tuple[bool, str]:
-    """(promote?, why): the gate, on summary metrics (percent points, as evaluate writes them).
+def _record_scores(client: MlflowClient, name: str, version: int) -> dict[str, Any] | None:
+    """The record scores a version's run logged at registration (None for older versions)."""
+    import mlflow
 
-    ``protocols``: the candidate's and production's evaluation protocol digests; scores measured
-    under different ones (another decoding, other test records) are not compared at all.
-    """
-    ie = policy.ie_metric
-    if ie not in candidate:
-        return False, f"candidate has no {ie} metric"
-    changed = production is not None and protocols[0] != protocols[1]
-    if changed and not policy.allow_protocol_change:
-        return False, (
-            f"not comparable: evaluated under protocol {protocols[0] or 'unrecorded'}, production under "
-            f"{protocols[1] or 'unrecorded'} (evaluate params or evaluation code differ); "
-            "promote.allow_protocol_change compares them anyway"
-        )
-    failures: list[str] = []
+    run_id = client.get_model_version(name, str(version)).run_id
+    if not run_id:
+        return None
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RECORD_SCORES_FILE)
+    except Exception:  # noqa: BLE001 - a version registered before record scores were kept
+        return None
+    return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+def _paired(client: MlflowClient, name: str, candidate: int, production: int | None) -> dict | None:
+    from chatuie.comparison import paired_gain
+
     if production is None:
-        if candidate[ie] < policy.floor_mean_ie_f1:
-            failures.append(f"{ie} {candidate[ie]:g} < floor {policy.floor_mean_ie_f1:g}")
-        for metric, floor in policy.floor_chat.items():
-            value = candidate.get(metric)
-            if value is None or value < floor:
-                failures.append(f"{metric} {value if value is not None else 'missing'} < floor {floor:g}")
-        if failures:
-            return False, "first model below the floors: " + "; ".join(failures)
-        return True, f"first production model: passes the floors ({ie} {candidate[ie]:g})"
-    if ie not in production:
-        return False, f"production has no {ie} metric to compare with"
-    gain = candidate[ie] - production[ie]
-    if gain + 1e-9 < policy.min_f1_gain:
-        failures.append(
-            f"{ie} gain {gain:+.2f} < {policy.min_f1_gain:g} "
-            f"(candidate {candidate[ie]:g}, production {production[ie]:g})"
-        )
-    for metric in policy.floor_chat:
-        before, now = production.get(metric), candidate.get(metric)
-        if before is None or now is None:
-            failures.append(f"{metric} missing")
-            continue
-        drop = (before - now) / before if before > 0 else 0.0
-        if drop > policy.max_chat_drop + 1e-9:
-            failures.append(f"{metric} drops {drop:.1%} > {policy.max_chat_drop:.1%} ({now:g} vs {before:g})")
-    if failures:
-        return False, "; ".join(failures)
-    return (
-        True,
-        f"{ie} gain {gain:+.2f} >= {policy.min_f1_gain:g}; chat drops within {policy.max_chat_drop:.1%}"
-        + ("; evaluation protocol changed (allowed)" if changed else ""),
-    )
+        return None
+    before, after = _record_scores(client, name, production), _record_scores(client, name, candidate)
+    if before is None or after is None:
+        return None
+    try:
+        return paired_gain(before, after)
+    except ValueError as err:  # other records: the protocol check refuses these anyway
+        log.warning("no paired comparison of versions %s and %s: %s", production, candidate, err)
+        return None
 
 
 def _metric_tags(tags: Mapping[str, str]) -> dict[str, float]:
@@ -971,13 +934,21 @@ def promote(
             return Decision(version, True, PRODUCTION, "already production", current)
         candidate_tags = client.get_model_version(name, str(version)).tags
         production_tags = None if current is None else client.get_model_version(name, str(current)).tags
+        paired = _paired(client, name, version, current)
         promoted, reason = decide(
             _metric_tags(candidate_tags),
             None if production_tags is None else _metric_tags(production_tags),
             policy,
             protocols=(candidate_tags.get(PROTOCOL_TAG), (production_tags or {}).get(PROTOCOL_TAG)),
+            paired=paired,
         )
         decision = Decision(version, promoted, PRODUCTION if promoted else CANDIDATE, reason, current)
+        if paired and "mean_ie_f1" in paired:
+            gain = paired["mean_ie_f1"]
+            client.set_model_version_tag(name, str(version), "promotion.mean_ie_f1_gain", str(gain["delta"]))
+            client.set_model_version_tag(
+                name, str(version), "promotion.mean_ie_f1_gain_ci95", json.dumps(gain["ci95"])
+            )
         if promoted:
             history = _history(client, name)
             if current is not None and (not history or history[-1] != current):
