@@ -10,21 +10,22 @@ comparison (stage ``rl_compare``) and the promotion gate both read it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from chatuie.metrics import HEADLINE, IEScorer, paired_bootstrap_delta
+from chatuie.io import read_jsonl
+from chatuie.metrics import HEADLINE, IEScorer, paired_bootstrap_deltas, percentile_interval
 from chatuie.records import Record
 
 # The per-record counts a registered version carries (an artifact of its run), for the gate.
 RECORD_SCORES_FILE = "record_scores.json"
-# Chat metrics: summary key -> (predictions file, per-example field).
+# Chat metrics: summary key -> (dataset: its predictions file and metrics/<model>.json "chat" key,
+# the metric there, the per-question field of predictions.<dataset>.jsonl that averages to it).
 CHAT_METRICS = {
-    "webqa_rouge1": ("webqa", "rouge1_char_f1"),
-    "webqa_exact_match": ("webqa", "exact_match"),
-    "ceval_accuracy": ("ceval", "correct"),
+    "webqa_rouge1": ("webqa", "rouge1_char_f1", "rouge1_char_f1"),
+    "webqa_exact_match": ("webqa", "exact_match", "exact_match"),
+    "ceval_accuracy": ("ceval", "accuracy", "correct"),
 }
 
 
@@ -51,18 +52,6 @@ def prediction_rows(predictions: Sequence[Mapping[str, Any]], task: str) -> list
     return [list(counts.get(metric, (0, 0, 0))) for counts in scorer.record_counts]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-    return rows
-
-
 def record_scores(eval_dir: str | Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Per-record scores of one evaluated model: each IE dataset's headline metric in its headline
     (first) constraint mode, and each chat example's score where its predictions file exists."""
@@ -75,7 +64,7 @@ def record_scores(eval_dir: str | Path, metrics: Mapping[str, Any]) -> dict[str,
             raise FileNotFoundError(
                 f"{path}: no predictions for {dataset} ({mode}); evaluate the model again"
             )
-        lines = _read_jsonl(path)
+        lines = list(read_jsonl(path))
         task = task_of(result)
         datasets[dataset] = {
             "mode": mode,
@@ -84,23 +73,15 @@ def record_scores(eval_dir: str | Path, metrics: Mapping[str, Any]) -> dict[str,
             "rows": prediction_rows(lines, task),
         }
     chat: dict[str, Any] = {}
-    for key, (name, field) in CHAT_METRICS.items():
+    for key, (name, _, field) in CHAT_METRICS.items():
         path = eval_dir / f"predictions.{name}.jsonl"
         if path.exists():
-            lines = _read_jsonl(path)
+            lines = list(read_jsonl(path))
             chat[key] = {
                 "ids": [line["id"] for line in lines],
                 "scores": [float(line[field]) for line in lines],
             }
     return {"ie": datasets, "chat": chat}
-
-
-def _interval(values, level: float) -> list[float]:
-    import numpy as np
-
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return [round(float(low), 2), round(float(high), 2)]
 
 
 def _same_ids(what: str, a: Sequence[str], b: Sequence[str]) -> None:
@@ -127,27 +108,27 @@ def paired_gain(
     """
     import numpy as np
 
-    from chatuie.metrics import _micro_f1
-
-    rng = np.random.default_rng(seed)
     ie: dict[str, Any] = {}
     mean_deltas = np.zeros(resamples)
     datasets = sorted(set(base.get("ie", {})) & set(new.get("ie", {})))
-    for dataset in datasets:
+    for position, dataset in enumerate(datasets):
         a, b = base["ie"][dataset], new["ie"][dataset]
         _same_ids(dataset, a["ids"], b["ids"])
-        ie[dataset] = paired_bootstrap_delta(a["rows"], b["rows"], resamples, seed, level)
-        rows_a, rows_b = np.asarray(a["rows"], dtype=np.float64), np.asarray(b["rows"], dtype=np.float64)
-        if len(rows_a):
-            picks = rng.integers(0, len(rows_a), size=(resamples, len(rows_a)))
-            sa, sb = rows_a[picks].sum(axis=1), rows_b[picks].sum(axis=1)
-            mean_deltas += _micro_f1(sb[:, 0], sb[:, 1], sb[:, 2]) - _micro_f1(sa[:, 0], sa[:, 1], sa[:, 2])
+        if not a["rows"]:
+            ie[dataset] = {"delta": 0.0, "ci95": [0.0, 0.0]}
+            continue
+        # One set of resamples per dataset gives its own interval and its share of the mean's;
+        # a seed per dataset keeps datasets of equal size from drawing the same record indices.
+        point, deltas = paired_bootstrap_deltas(a["rows"], b["rows"], resamples, seed + position)
+        ie[dataset] = {"delta": round(point, 2), "ci95": percentile_interval(deltas, level)}
+        mean_deltas += deltas
     out: dict[str, Any] = {"ie": ie, "chat": {}}
     if datasets:
         out["mean_ie_f1"] = {
             "delta": round(sum(ie[d]["delta"] for d in datasets) / len(datasets), 2),
-            "ci95": _interval(mean_deltas / len(datasets), level),
+            "ci95": percentile_interval(mean_deltas / len(datasets), level),
         }
+    rng = np.random.default_rng(seed)
     for key in sorted(set(base.get("chat", {})) & set(new.get("chat", {}))):
         a, b = base["chat"][key], new["chat"][key]
         _same_ids(key, a["ids"], b["ids"])
@@ -160,7 +141,7 @@ def paired_gain(
             relative = np.nan_to_num((mb - ma) / ma)
         out["chat"][key] = {
             "relative_change": round(float((sb.mean() - sa.mean()) / sa.mean()), 4),
-            "ci95": [round(x / 100, 4) for x in _interval(100 * relative, level)],
+            "ci95": [round(x / 100, 4) for x in percentile_interval(100 * relative, level)],
         }
     return out
 
@@ -203,8 +184,7 @@ def compare_runs(
             ie.setdefault(dataset, {})[mode] = row
             summary[f"f1_gain_{dataset}_{mode}"] = row["f1_gain"]
     chat: dict[str, Any] = {}
-    for key, (dataset, field) in CHAT_METRICS.items():
-        metric = "accuracy" if dataset == "ceval" else field
+    for key, (dataset, metric, _) in CHAT_METRICS.items():
         a = base.get("chat", {}).get(dataset, {}).get(metric)
         b = new.get("chat", {}).get(dataset, {}).get(metric)
         name = f"{dataset}_{metric}"

@@ -169,6 +169,15 @@ def _micro_f1(tp, pred, gold):
         return np.nan_to_num(200.0 * tp / (pred + gold))
 
 
+def percentile_interval(values, level: float = 0.95) -> list[float]:
+    """The ``level`` percentile interval of bootstrap ``values``, rounded to 2 decimals."""
+    import numpy as np
+
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [round(float(low), 2), round(float(high), 2)]
+
+
 def bootstrap_f1_interval(
     rows: Sequence[tuple[int, int, int]], resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> list[float]:
@@ -181,10 +190,27 @@ def bootstrap_f1_interval(
     counts = np.asarray(rows, dtype=np.float64)
     picks = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
     sums = counts[picks].sum(axis=1)
-    scores = _micro_f1(sums[:, 0], sums[:, 1], sums[:, 2])
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(scores, [tail, 100 - tail])
-    return [round(float(low), 2), round(float(high), 2)]
+    return percentile_interval(_micro_f1(sums[:, 0], sums[:, 1], sums[:, 2]), level)
+
+
+def paired_bootstrap_deltas(
+    rows_a: Sequence[tuple[int, int, int]],
+    rows_b: Sequence[tuple[int, int, int]],
+    resamples: int = 1000,
+    seed: int = 0,
+):
+    """(F1(b) - F1(a) on all records, the same difference on each of ``resamples`` bootstrap samples)
+    in points; paired: one resample of record indices serves both. Rows must be non-empty."""
+    import numpy as np
+
+    if len(rows_a) != len(rows_b):
+        raise ValueError(f"paired bootstrap needs the same records: {len(rows_a)} vs {len(rows_b)}")
+    a, b = np.asarray(rows_a, dtype=np.float64), np.asarray(rows_b, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    sa, sb = a[picks].sum(axis=1), b[picks].sum(axis=1)
+    deltas = _micro_f1(sb[:, 0], sb[:, 1], sb[:, 2]) - _micro_f1(sa[:, 0], sa[:, 1], sa[:, 2])
+    ta, tb = a.sum(axis=0), b.sum(axis=0)
+    return float(_micro_f1(tb[0], tb[1], tb[2]) - _micro_f1(ta[0], ta[1], ta[2])), deltas
 
 
 def paired_bootstrap_delta(
@@ -196,21 +222,10 @@ def paired_bootstrap_delta(
 ) -> dict[str, float]:
     """F1(b) - F1(a) in points on the same records (paired: one resample of record indices serves
     both), with its ``level`` percentile interval."""
-    import numpy as np
-
-    if len(rows_a) != len(rows_b):
-        raise ValueError(f"paired bootstrap needs the same records: {len(rows_a)} vs {len(rows_b)}")
-    if not rows_a:
+    if not rows_a and not rows_b:
         return {"delta": 0.0, "ci95": [0.0, 0.0]}
-    a, b = np.asarray(rows_a, dtype=np.float64), np.asarray(rows_b, dtype=np.float64)
-    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    sa, sb = a[picks].sum(axis=1), b[picks].sum(axis=1)
-    deltas = _micro_f1(sb[:, 0], sb[:, 1], sb[:, 2]) - _micro_f1(sa[:, 0], sa[:, 1], sa[:, 2])
-    ta, tb = a.sum(axis=0), b.sum(axis=0)
-    point = float(_micro_f1(tb[0], tb[1], tb[2]) - _micro_f1(ta[0], ta[1], ta[2]))
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(deltas, [tail, 100 - tail])
-    return {"delta": round(point, 2), "ci95": [round(float(low), 2), round(float(high), 2)]}
+    point, deltas = paired_bootstrap_deltas(rows_a, rows_b, resamples, seed)
+    return {"delta": round(point, 2), "ci95": percentile_interval(deltas, level)}
 
 
 # The headline F1 of each task, used for "F1 per dataset".
