@@ -1,0 +1,137 @@
+"""The promotion gate on two real small models: tiny Llamas built and trained here (no hub),
+decoded under the constraint by the evaluate stage's own code, their per-record scores paired.
+
+A model taught 48 records, scored on 24 others, against one never taught: a real gap, promoted.
+Two models taught the same way but for their seeds: a gain of some points that is noise, refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
+
+import pytest
+
+from chatuie.chat import ChatOptions, build_samples, ie_user_prompt
+from chatuie.comparison import paired_gain, prediction_rows
+from chatuie.evaluation import EvalSettings, evaluate_ie
+from chatuie.gate import PromotionPolicy, decide
+from chatuie.modeling import TeachSettings, TinyModelConfig, build_tiny_model, train_sft, train_tokenizer
+from chatuie.records import Entity, Record, Schema
+
+# Sentences of three shapes with a person and an organisation: a model taught 48 of them finds
+# the two in 24 others about half the time (30 steps), by the shape, not by the names.
+SURNAMES = "张王李刘陈杨赵黄周吴徐孙胡朱高林何郭马罗"
+GIVEN = ["伟", "芳", "娜", "洋", "静", "帆", "磊", "敏", "杰", "昊", "丽", "强", "军", "霞", "鹏"]
+ORGS = ["中国银行", "华为公司", "北京大学", "万科集团", "腾讯公司", "招商银行", "平安保险", "联想集团"]
+SHAPES = ["{name}现任{org}董事。", "{name}曾在{org}工作。", "{org}聘任{name}为经理。"]
+SCHEMA = Schema(entities=["NAME", "ORG"])
+CHAT = ChatOptions(system_prompt=False, format_hint=False, seed=13)
+EVAL = EvalSettings(max_records_per_dataset=0, max_new_tokens=40, batch_size=12, repetition_penalty=1.3)
+POLICY = PromotionPolicy(min_f1_gain=0.0, max_chat_drop=0.05)
+TINY = TinyModelConfig(
+    vocab_size=500,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=256,
+    seed=3,
+)
+
+
+def records(count: int, rng: random.Random, prefix: str) -> list[Record]:
+    out = []
+    for i in range(count):
+        name = rng.choice(SURNAMES) + rng.choice(GIVEN) + ("" if rng.random() < 0.5 else rng.choice(GIVEN))
+        org = rng.choice(ORGS)
+        text = rng.choice(SHAPES).format(name=name, org=org)
+        a, b = text.index(name), text.index(org)
+        entities = sorted(
+            [Entity("NAME", a, a + len(name), name), Entity("ORG", b, b + len(org), org)],
+            key=lambda e: e.start,
+        )
+        out.append(Record(f"{prefix}{i}", "names", "test", "ner", text, SCHEMA, entities))
+    return out
+
+
+def settings(seed: int) -> TeachSettings:
+    return TeachSettings(
+        max_steps=30,
+        learning_rate=3e-3,
+        per_device_batch_size=4,
+        max_length=128,
+        save_steps=0,
+        logging_steps=20,
+        seed=seed,
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> dict[str, dict]:
+    """Held-out F1 and per-record scores of three real models: untaught, taught (seed 1), taught (seed 2)."""
+    rng = random.Random(0)
+    train, test = records(48, rng, "train"), records(24, rng, "test")
+    samples = [s for r in train for s in build_samples(r, CHAT, train=True)]
+    texts = [m["content"] for s in samples for m in s["messages"]]
+    texts += [ie_user_prompt("ner", r.text, SCHEMA, CHAT) for r in test]
+    tokenizer = train_tokenizer(texts * 3, TINY.vocab_size, min_frequency=2)
+    root = tmp_path_factory.mktemp("gate-models")
+    models = {"untaught": build_tiny_model(TINY, tokenizer)}
+    for seed in (1, 2):
+        model = build_tiny_model(TINY, tokenizer)
+        models[f"taught{seed}"] = train_sft(
+            model, tokenizer, samples, settings(seed), root / f"s{seed}"
+        ).model
+    out = {}
+    for name, model in models.items():
+        metrics, _, predictions = evaluate_ie(model.eval(), tokenizer, test, CHAT, EVAL, constrained=True)
+        out[name] = {
+            "f1": metrics["entity"]["f1"],
+            "scores": {
+                "ie": {
+                    "names": {
+                        "mode": "constrained",
+                        "metric": "entity",
+                        "ids": [p["id"] for p in predictions],
+                        "rows": prediction_rows(predictions, "ner"),
+                    }
+                },
+                "chat": {},
+            },
+        }
+    return out
+
+
+def _gate(production: dict, candidate: dict) -> tuple[bool, str, dict]:
+    paired = paired_gain(production["scores"], candidate["scores"])
+    chat = {"webqa_rouge1": 20.0, "ceval_accuracy": 50.0}
+    ok, reason = decide(
+        {"mean_ie_f1": candidate["f1"], **chat},
+        {"mean_ie_f1": production["f1"], **chat},
+        POLICY,
+        paired=paired,
+    )
+    return ok, reason, paired["mean_ie_f1"]
+
+
+def test_gate_promotes_a_taught_model_over_an_untaught_one(evaluated) -> None:
+    untaught, taught = evaluated["untaught"], evaluated["taught1"]
+    assert untaught["f1"] < 10 and taught["f1"] > 40, (untaught["f1"], taught["f1"])
+    ok, reason, gain = _gate(untaught, taught)
+    assert gain["ci95"][0] > 0, gain
+    assert ok and "lower bound above 0" in reason, reason
+
+
+def test_gate_refuses_a_model_that_differs_by_noise(evaluated) -> None:
+    first, second = evaluated["taught1"], evaluated["taught2"]
+    ok, reason, gain = _gate(first, second)
+    low, high = gain["ci95"]
+    # The seeds differ by points on 24 records (a rule on the point gain would promote one)...
+    assert gain["delta"] != 0.0, gain
+    # ...but the paired interval reaches 0: noise (here a couple of records, 4 points apart).
+    assert gain["delta"] > 0 and low <= 0.0 < high, gain
+    assert not ok and "not above 0" in reason and "95% CI" in reason, reason
