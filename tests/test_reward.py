@@ -270,6 +270,8 @@ def test_frozen_embeddings_stay_while_the_rest_trains(project: Path) -> None:
     model, tokenizer = load_reward_base(project / "models" / "sft", seed=3)
     embedding = model.get_input_embeddings().weight.detach().clone()
     score = model.score.weight.detach().clone()
+    assert not score.any()  # a zero head: every pair a tie before training, which counts half
+    assert pairwise_accuracy(model, tokenizer, pairs[:6], batch_size=6, max_length=1024)["accuracy"] == 50.0
     settings = RewardTrainSettings(
         max_steps=2, per_device_batch_size=4, learning_rate=1e-3, max_length=1024, freeze_embeddings=True
     )

@@ -348,7 +348,7 @@ class RewardTrainResult(NamedTuple):
 def load_reward_base(sft_dir: str | Path, seed: int = 13):
     """(sequence classifier with one logit, tokenizer) on the SFT model's weights.
 
-    The ``score`` head is new (seeded); ``lm_head`` is dropped. ``pad_token_id`` goes into the config
+    The ``score`` head is new (zeros); ``lm_head`` is dropped. ``pad_token_id`` goes into the config
     because the classifier reads the score at the last non-pad token.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -368,6 +368,15 @@ def load_reward_base(sft_dir: str | Path, seed: int = 13):
                 path, num_labels=1, dtype=torch.float32
             )
     model.config.pad_token_id = tokenizer.pad_token_id
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        # A zero head: every pair starts at the Bradley-Terry loss ln 2 and the first steps learn
+        # what tells the answers apart. The seeded random head gave Gemma's large final hidden
+        # states scores several units apart (first loss 7.8), and 20 steps went into shrinking it
+        # (margins ~0.01, accuracy at chance; session 10).
+        torch.nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
     return model, tokenizer
 
 
@@ -533,8 +542,9 @@ def pairwise_accuracy(
     sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     scores = score_sequences(model, sequences, tokenizer.pad_token_id, batch_size)
     n = len(rows)
-    wins = [scores[i] > scores[n + i] for i in range(n)]
+    # A tie (an untrained zero head scores every answer alike) counts half: chance is 50 %.
     margins = [scores[i] - scores[n + i] for i in range(n)]
+    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
 
     def summary(indices: list[int]) -> dict[str, Any]:
         if not indices:
