@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from chatuie.judge import flatten_answer
-from chatuie.modeling import generate, load_saved, save_model
+from chatuie.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
 from chatuie.records import Schema
 from chatuie.reward import load_reward_base, load_reward_model, save_reward_model
 from chatuie.rl import (
@@ -204,6 +204,35 @@ def test_grpo_few_steps_with_three_rewards(
         assert math.isfinite(row["reward"]) and row["kl"] is not None
         assert row["reward_model"] is not None and 0 <= row["f1"] <= 1 and 0 <= row["validity"] <= 1
     out = save_model(result.model, tokenizer, tmp_path / "rl")
+    model, tok = load_saved(out)
+    assert generate(model, tok, [prompts[0]["prompt"]], max_new_tokens=4)
+
+
+def test_grpo_on_a_lora_sft_model_keeps_the_sft_adapter_as_reference(
+    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    # A LoRA SFT model (the Gemma default's shape): an adapter with non-zero weights on the tiny base.
+    base, tokenizer = load_saved(project / "models" / "sft")
+    sft = _wrap_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    adapter = save_model(sft, tokenizer, tmp_path / "sft", base=str(project / "models" / "sft"))
+    assert (adapter / "adapter_config.json").exists()
+    policy, tokenizer = load_saved(adapter, trainable=True)
+    reward_model, _ = load_reward_model(project / "models" / "rm")
+    settings = GRPOSettings(
+        max_steps=1, per_device_batch_size=4, num_generations=2, max_completion_length=12, learning_rate=1e-3
+    )
+    config = RLConfig(algorithm="grpo", kl_coef=0.05, grpo=settings)
+    result = train_grpo(policy, tokenizer, reward_model, prompts, config)
+    # The first batch is scored before any update: against the SFT adapter the KL is 0; against
+    # the base (adapters disabled) it would not be, with these adapter weights.
+    assert result.log[0]["kl"] == pytest.approx(0.0, abs=1e-6), result.log
+    assert "ref" not in result.model.peft_config  # TRL's reference copy is not saved with the policy
+    out = save_model(result.model, tokenizer, tmp_path / "rl")
+    assert not (out / "ref").exists()
     model, tok = load_saved(out)
     assert generate(model, tok, [prompts[0]["prompt"]], max_new_tokens=4)
 

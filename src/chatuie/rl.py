@@ -32,7 +32,7 @@ import torch
 
 from chatuie.chat import ChatOptions
 from chatuie.judge import JudgeItem, reference_score
-from chatuie.modeling import freeze_input_embeddings, trainer_safety_args
+from chatuie.modeling import freeze_input_embeddings, is_peft, trainer_safety_args
 from chatuie.output_format import ground
 from chatuie.records import Record, Schema
 from chatuie.reward import PairTokenizer, instructions, sample_records, score_sequences
@@ -519,6 +519,10 @@ def train_grpo(
             }
         )
     model = trainer.model
+    if is_peft(model) and "ref" in model.peft_config:
+        # TRL's frozen copy of the SFT adapter (the KL reference when a LoRA SFT model trains on):
+        # not part of the policy, and save_pretrained would write it beside the adapter.
+        model.delete_adapter("ref")
     model.eval()
     _restore_generation(model, tokenizer)
     return RLResult(model, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
