@@ -53,7 +53,7 @@ def main() -> None:
     if not train:
         raise ConfigError("data/reward/pairs.jsonl has no training pairs: raise reward_data sizes")
     try:
-        model, tokenizer = load_reward_base(Path("models/sft"), settings.seed)
+        model, tokenizer = load_reward_base(Path("models/sft"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     main = is_main_process()  # data-parallel: rank 0 alone measures and writes

@@ -244,7 +244,7 @@ def test_reward_model_trains_and_reports_accuracy(project: Path, tmp_path: Path)
     pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.3, seed=3)
     train = [p for p in pairs if p["split"] == "train"]
     held = [p for p in pairs if p["split"] == "eval"]
-    model, tokenizer = load_reward_base(project / "models" / "sft", seed=3)
+    model, tokenizer = load_reward_base(project / "models" / "sft")
     settings = RewardTrainSettings(
         max_steps=3, per_device_batch_size=4, learning_rate=1e-3, logging_steps=1, max_length=1024
     )
@@ -267,7 +267,7 @@ def test_reward_model_trains_and_reports_accuracy(project: Path, tmp_path: Path)
 def test_frozen_embeddings_stay_while_the_rest_trains(project: Path) -> None:
     records = [r for d in IE for r in fixture_records(copies=2)[d]["train"]]
     pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)
-    model, tokenizer = load_reward_base(project / "models" / "sft", seed=3)
+    model, tokenizer = load_reward_base(project / "models" / "sft")
     embedding = model.get_input_embeddings().weight.detach().clone()
     score = model.score.weight.detach().clone()
     assert not score.any()  # a zero head: every pair a tie before training, which counts half
@@ -278,6 +278,31 @@ def test_frozen_embeddings_stay_while_the_rest_trains(project: Path) -> None:
     trained = train_reward_model(model, tokenizer, pairs, settings).model
     assert torch.equal(trained.get_input_embeddings().weight, embedding)
     assert not torch.equal(trained.score.weight, score)
+
+
+def test_head_learning_rate_moves_the_head_faster(project: Path) -> None:
+    records = [r for d in IE for r in fixture_records(copies=2)[d]["train"]]
+    pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)
+    moved = {}
+    for head_rate in (None, 1e-2):
+        model, tokenizer = load_reward_base(project / "models" / "sft")
+        layer = next(p for n, p in model.named_parameters() if "layers.0." in n and p.ndim == 2)
+        before = layer.detach().clone()
+        settings = RewardTrainSettings(
+            max_steps=2,
+            per_device_batch_size=4,
+            learning_rate=1e-4,
+            head_learning_rate=head_rate,
+            warmup_ratio=0.0,
+            max_length=1024,
+        )
+        trained = train_reward_model(model, tokenizer, pairs, settings).model
+        moved[head_rate] = (trained.score.weight.abs().max().item(), (layer - before).abs().max().item())
+    # Adam steps each weight by about its rate: the head ~100x further, the backbone alike.
+    assert moved[1e-2][0] > 20 * moved[None][0] > 0
+    assert moved[1e-2][1] == pytest.approx(moved[None][1], rel=0.5)
+    with pytest.raises(ValueError, match="head_learning_rate"):
+        RewardTrainSettings(head_learning_rate=0.0)
 
 
 # --------------------------------------------------------------------- the stages, against a server

@@ -50,7 +50,7 @@ def one_thread():
 def project(tmp_path_factory) -> Path:
     """models/sft (tiny, untrained) and models/rm (its weights + a fresh score head)."""
     root = build_project(tmp_path_factory.mktemp("rl-project"), copies=2)
-    rm, tokenizer = load_reward_base(root / "models" / "sft", seed=5)
+    rm, tokenizer = load_reward_base(root / "models" / "sft")
     save_reward_model(rm, tokenizer, root / "models" / "rm")
     return root
 

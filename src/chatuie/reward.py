@@ -320,6 +320,9 @@ class RewardTrainSettings:
 
     max_steps: int = 100
     learning_rate: float = 1e-4
+    # The score head's own rate (None: learning_rate). The head starts at zero and is one vector;
+    # at the backbone's rate it moved so little in 20 steps that pairs stayed near ties (session 11).
+    head_learning_rate: float | None = None
     per_device_batch_size: int = 8  # pairs per step (twice as many sequences)
     gradient_accumulation: int = 1
     max_length: int = 512  # tokens per sequence: longer pairs are left out
@@ -337,6 +340,12 @@ class RewardTrainSettings:
     seed: int = 13
     device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"rm.train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ValueError(f"rm.train.head_learning_rate: > 0 or null, got {self.head_learning_rate}")
+
 
 class RewardTrainResult(NamedTuple):
     model: Any
@@ -345,11 +354,12 @@ class RewardTrainResult(NamedTuple):
     too_long: int  # pairs left out: a sequence longer than max_length
 
 
-def load_reward_base(sft_dir: str | Path, seed: int = 13):
+def load_reward_base(sft_dir: str | Path):
     """(sequence classifier with one logit, tokenizer) on the SFT model's weights.
 
-    The ``score`` head is new (zeros); ``lm_head`` is dropped. ``pad_token_id`` goes into the config
-    because the classifier reads the score at the last non-pad token.
+    The ``score`` head is new (zeros, so no seed is involved); ``lm_head`` is dropped.
+    ``pad_token_id`` goes into the config because the classifier reads the score at the last
+    non-pad token.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -362,21 +372,21 @@ def load_reward_base(sft_dir: str | Path, seed: int = 13):
             save_model(merge_lora(merged), tokenizer, path)
             del merged
         tokenizer = AutoTokenizer.from_pretrained(path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch.float32
-            )
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     head = getattr(model, "score", None)
-    if isinstance(head, torch.nn.Linear):
-        # A zero head: every pair starts at the Bradley-Terry loss ln 2 and the first steps learn
-        # what tells the answers apart. The seeded random head gave Gemma's large final hidden
-        # states scores several units apart (first loss 7.8), and 20 steps went into shrinking it
-        # (margins ~0.01, accuracy at chance; session 10).
-        torch.nn.init.zeros_(head.weight)
-        if head.bias is not None:
-            torch.nn.init.zeros_(head.bias)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} has no linear `score` head: the reward model needs a "
+            "transformers sequence classifier with one"
+        )
+    # A zero head: every pair starts at the Bradley-Terry loss ln 2 and the first steps learn
+    # what tells the answers apart. The seeded random head gave Gemma's large final hidden
+    # states scores several units apart (first loss 7.8), and 20 steps went into shrinking it
+    # (margins ~0.01, accuracy at chance; session 10).
+    torch.nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
     return model, tokenizer
 
 
@@ -468,6 +478,26 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
     return RewardConfig(**kwargs)
 
 
+def head_rate_optimizer(model, settings: RewardTrainSettings) -> torch.optim.Optimizer | None:
+    """AdamW with the ``score`` head in its own group at ``head_learning_rate``; None when the head
+    trains at the backbone's rate (the Trainer then builds its optimizer as usual).
+
+    The Trainer's schedule scales each group from its own rate, so warmup and decay apply to both.
+    """
+    if settings.head_learning_rate is None or settings.head_learning_rate == settings.learning_rate:
+        return None
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if name.split(".")[0] == "score" else backbone).append(param)
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no trainable `score` head for head_learning_rate")
+    groups = [{"params": head, "lr": settings.head_learning_rate}]
+    if backbone:
+        groups.insert(0, {"params": backbone, "lr": settings.learning_rate})
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
 def train_reward_model(
     model,
     tokenizer,
@@ -490,10 +520,15 @@ def train_reward_model(
         )
     if settings.freeze_embeddings:
         freeze_input_embeddings(model)
+    optimizer = head_rate_optimizer(model, settings)
     with tempfile.TemporaryDirectory(prefix="rm-") as scratch:
         args = reward_config(settings, output_dir or scratch, **config_overrides)
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            optimizers=(optimizer, None),  # None: the Trainer's own (AdamW) / its warmup-decay schedule
         )
         trainer.train()
     loss_log = [
