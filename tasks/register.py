@@ -5,7 +5,8 @@ artifacts with its base) into this stage's run, registers it as a new version of
 `register.registered_model` with metrics/<model>.json's summary as version tags and the per-record
 scores of reports/eval/<model>/ as the run's record_scores.json, and (with `register.gate`) gates
 it: alias `production` if the paired interval of its gain over production clears the `promote`
-section's margin (or it passes the floors when there is no production yet), else `candidate`.
+section's margin (or, with no production yet, it passes the floors and is not worse than
+`register.baseline`), else `candidate`.
 Writes metrics/register.json: the version, whether it is production, and why.
 """
 
@@ -19,7 +20,7 @@ from _stage import run, section
 
 from chatuie.comparison import record_scores
 from chatuie.config import ConfigError
-from chatuie.gate import PromotionPolicy
+from chatuie.gate import Baseline, PromotionPolicy
 from chatuie.io import write_json
 from chatuie.tracking import promote, register_model
 
@@ -31,6 +32,17 @@ class RegisterConfig:
     model: str = "sft"  # models/<model> and metrics/<model>.json (later: rl)
     registered_model: str = "chatuie"
     gate: bool = True  # run the promotion gate right after registering
+    # The model `model` was trained from (metrics/<baseline>.json, reports/eval/<baseline>/): with
+    # no production yet, a version worse than it stays a candidate. The same as `model`: none.
+    baseline: str = "sft"
+
+
+def load_baseline(model: str) -> Baseline:
+    path = Path("metrics") / f"{model}.json"
+    if not path.exists():
+        raise ConfigError(f"params.yaml: register.baseline: {path} not found (evaluate that model first)")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    return Baseline(model, metrics["summary"], record_scores(Path("reports/eval") / model, metrics))
 
 
 def main() -> None:
@@ -53,7 +65,8 @@ def main() -> None:
     )
     result: dict = {"version": version, "model": config.model}
     if config.gate:
-        decision = promote(version, policy, name=config.registered_model)
+        baseline = None if config.baseline == config.model else load_baseline(config.baseline)
+        decision = promote(version, policy, name=config.registered_model, baseline=baseline)
         result.update(production=decision.promoted, alias=decision.alias, reason=decision.reason)
     write_json(Path("metrics/register.json"), result)
     print(result)

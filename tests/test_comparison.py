@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatuie.comparison import compare_runs, paired_gain, prediction_rows, record_scores
+from chatuie.comparison import compare_runs, dataset_scores, paired_gain, prediction_rows, record_scores
 from chatuie.gate import PromotionPolicy, decide
 from chatuie.metrics import IEScorer
 from chatuie.records import Entity
@@ -46,17 +46,7 @@ def ner_predictions(n: int, hit_rate: float, seed: int) -> list[dict]:
 
 
 def scores_of(lines: list[dict], chat: list[float] | None = None) -> dict:
-    out = {
-        "ie": {
-            "resume": {
-                "mode": "constrained",
-                "metric": "entity",
-                "ids": [x["id"] for x in lines],
-                "rows": prediction_rows(lines, "ner"),
-            }
-        },
-        "chat": {},
-    }
+    out = {"ie": {"resume": dataset_scores(lines, "ner", "constrained")}, "chat": {}}
     if chat is not None:
         out["chat"]["ceval_accuracy"] = {"ids": [f"q{i}" for i in range(len(chat))], "scores": chat}
     return out

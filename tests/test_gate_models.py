@@ -7,6 +7,7 @@ Two models taught the same way but for their seeds: a gain of some points that i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -15,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 import pytest
 
 from chatuie.chat import ChatOptions, build_samples, ie_user_prompt
-from chatuie.comparison import paired_gain, prediction_rows
+from chatuie.comparison import dataset_scores, paired_gain
 from chatuie.evaluation import EvalSettings, evaluate_ie
-from chatuie.gate import PromotionPolicy, decide
+from chatuie.gate import Baseline, PromotionPolicy, decide
 from chatuie.modeling import TeachSettings, TinyModelConfig, build_tiny_model, train_sft, train_tokenizer
 from chatuie.records import Entity, Record, Schema
 
@@ -91,19 +92,25 @@ def evaluated(tmp_path_factory) -> dict[str, dict]:
         metrics, _, predictions = evaluate_ie(model.eval(), tokenizer, test, CHAT, EVAL, constrained=True)
         out[name] = {
             "f1": metrics["entity"]["f1"],
-            "scores": {
-                "ie": {
-                    "names": {
-                        "mode": "constrained",
-                        "metric": "entity",
-                        "ids": [p["id"] for p in predictions],
-                        "rows": prediction_rows(predictions, "ner"),
-                    }
-                },
-                "chat": {},
-            },
+            "scores": {"ie": {"names": dataset_scores(predictions, "ner", "constrained")}, "chat": {}},
         }
     return out
+
+
+CHAT_SCORES = {"webqa_rouge1": 20.0, "ceval_accuracy": 50.0}
+
+
+def _first(baseline: dict, candidate: dict) -> tuple[bool, str, dict]:
+    """A first version (no production) gated against the model it came from."""
+    paired = paired_gain(baseline["scores"], candidate["scores"])
+    ok, reason = decide(
+        {"mean_ie_f1": candidate["f1"], **CHAT_SCORES},
+        None,
+        dataclasses.replace(POLICY, floor_mean_ie_f1=0.0),
+        baseline=Baseline("sft", {"mean_ie_f1": baseline["f1"], **CHAT_SCORES}, baseline["scores"]),
+        baseline_paired=paired,
+    )
+    return ok, reason, paired["mean_ie_f1"]
 
 
 def _gate(production: dict, candidate: dict) -> tuple[bool, str, dict]:
@@ -135,3 +142,29 @@ def test_gate_refuses_a_model_that_differs_by_noise(evaluated) -> None:
     # ...but the paired interval reaches 0: noise (here a couple of records, 4 points apart).
     assert gain["delta"] > 0 and low <= 0.0 < high, gain
     assert not ok and "not above 0" in reason and "95% CI" in reason, reason
+
+
+def test_first_version_worse_than_its_baseline_stays_candidate(evaluated) -> None:
+    # The untaught model as if RL had ruined the taught one: above the floors, far below its SFT.
+    ok, reason, gain = _first(evaluated["taught1"], evaluated["untaught"])
+    assert gain["ci95"][1] < 0, gain
+    assert not ok and "worse than its baseline sft" in reason and "beyond the noise" in reason, reason
+    # Without its baseline only the floors decide: the same scores pass them.
+    floors_only = dataclasses.replace(POLICY, floor_mean_ie_f1=0.0)
+    assert decide({"mean_ie_f1": evaluated["untaught"]["f1"], **CHAT_SCORES}, None, floors_only)[0]
+
+
+def test_first_version_within_the_noise_of_its_baseline_is_production(evaluated) -> None:
+    ok, reason, gain = _first(evaluated["taught1"], evaluated["taught2"])
+    assert gain["ci95"][0] <= 0 <= gain["ci95"][1], gain
+    assert ok and "first production model" in reason and "vs sft: 95% CI" in reason, reason
+    # A chat drop beyond max_chat_drop against the baseline refuses it all the same.
+    dropped = {"mean_ie_f1": evaluated["taught2"]["f1"], "webqa_rouge1": 18.0, "ceval_accuracy": 50.0}
+    ok, reason = decide(
+        dropped,
+        None,
+        POLICY,
+        baseline=Baseline("sft", {"mean_ie_f1": evaluated["taught1"]["f1"], **CHAT_SCORES}),
+        baseline_paired=paired_gain(evaluated["taught1"]["scores"], evaluated["taught2"]["scores"]),
+    )
+    assert not ok and "webqa_rouge1 drops 10.0% > 5.0% vs sft" in reason, reason

@@ -108,6 +108,9 @@ def test_smoke_repro_registers_version_1_as_production(smoke_run) -> None:
     assert float(version.tags["mean_ie_f1"]) == summary["mean_ie_f1"]
     assert float(version.tags["ceval_accuracy"]) == summary["ceval_accuracy"]
     assert version.tags["chatuie.model"] == model and version.tags["promotion.decision"] == "production"
+    # A first version is gated against the model it was trained from (register.baseline: sft).
+    assert "first production model" in version.tags["promotion.reason"]
+    assert "vs sft: 95% CI" in version.tags["promotion.reason"], version.tags["promotion.reason"]
     assert _alias(client, "production") == 1 and _history(client) == [1]
     register = json.loads((smoke_run.snapshot / "metrics" / "register.json").read_text())
     assert register["version"] == 1 and register["production"] is True

@@ -52,6 +52,16 @@ def prediction_rows(predictions: Sequence[Mapping[str, Any]], task: str) -> list
     return [list(counts.get(metric, (0, 0, 0))) for counts in scorer.record_counts]
 
 
+def dataset_scores(predictions: Sequence[Mapping[str, Any]], task: str, mode: str) -> dict[str, Any]:
+    """One IE dataset's entry of :func:`record_scores`: its record ids and count rows."""
+    return {
+        "mode": mode,
+        "metric": HEADLINE[task],
+        "ids": [line["id"] for line in predictions],
+        "rows": prediction_rows(predictions, task),
+    }
+
+
 def record_scores(eval_dir: str | Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Per-record scores of one evaluated model: each IE dataset's headline metric in its headline
     (first) constraint mode, and each chat example's score where its predictions file exists."""
@@ -64,14 +74,7 @@ def record_scores(eval_dir: str | Path, metrics: Mapping[str, Any]) -> dict[str,
             raise FileNotFoundError(
                 f"{path}: no predictions for {dataset} ({mode}); evaluate the model again"
             )
-        lines = list(read_jsonl(path))
-        task = task_of(result)
-        datasets[dataset] = {
-            "mode": mode,
-            "metric": HEADLINE[task],
-            "ids": [line["id"] for line in lines],
-            "rows": prediction_rows(lines, task),
-        }
+        datasets[dataset] = dataset_scores(list(read_jsonl(path)), task_of(result), mode)
     chat: dict[str, Any] = {}
     for key, (name, _, field) in CHAT_METRICS.items():
         path = eval_dir / f"predictions.{name}.jsonl"

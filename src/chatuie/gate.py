@@ -5,8 +5,10 @@ its paired 95 % interval of mean-IE-F1 gain over production (:func:`chatuie.comp
 on the two versions' record scores) is above ``min_f1_gain``, and no chat metric drops by more
 than ``max_chat_drop``. A gain inside the noise of the test records is refused, however large its
 point estimate. Where a version carries no record scores (registered before they were kept), the
-point gain is compared instead and the reason says so. A first model has only floors to pass.
-:func:`chatuie.tracking.promote` reads the versions and moves the aliases.
+point gain is compared instead and the reason says so. A first model passes floors and, given
+the model it was trained from (a :class:`Baseline`, e.g. the SFT model under an RL one), must not
+be worse than that: its paired interval wholly below 0, or a chat drop beyond ``max_chat_drop``,
+keeps it a candidate. :func:`chatuie.tracking.promote` reads the versions and moves the aliases.
 """
 
 from __future__ import annotations
@@ -31,9 +33,53 @@ class PromotionPolicy:
     # True: compare scores although production was evaluated under another protocol (evaluate
     # params changed since); a deliberate, reviewable choice for the one run after such a change.
     allow_protocol_change: bool = False
+    # A first version is measured against its baseline (register.baseline) where one is given.
+    first_vs_baseline: bool = True
 
 
-def _first_model(candidate: Mapping[str, float], policy: PromotionPolicy) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class Baseline:
+    """The model a first version was trained from, measured under the same protocol."""
+
+    name: str  # e.g. "sft"
+    metrics: Mapping[str, float]  # its summary metrics
+    record_scores: Mapping[str, Any] | None = None  # chatuie.comparison.record_scores
+
+
+def _not_worse(
+    candidate: Mapping[str, float],
+    baseline: Mapping[str, float],
+    name: str,
+    policy: PromotionPolicy,
+    paired: Mapping[str, Any] | None,
+) -> list[str]:
+    """Why ``candidate`` is worse than its baseline (empty: it is not, beyond the noise)."""
+    ie = policy.ie_metric
+    failures: list[str] = []
+    if ie in baseline:
+        gain = candidate[ie] - baseline[ie]
+        interval = (paired or {}).get(ie, {}).get("ci95") if ie == "mean_ie_f1" else None
+        if interval is not None and interval[1] < -1e-9:
+            failures.append(
+                f"{ie} {gain:+.2f} vs {name}, {_ci(interval)}: worse than {name} beyond the noise"
+            )
+        elif interval is None and gain < -1e-9:
+            failures.append(f"{ie} {gain:+.2f} vs {name} (point estimate: no record scores)")
+    for metric in policy.floor_chat:
+        before, now = baseline.get(metric), candidate.get(metric)
+        if before is not None and now is not None and before > 0:
+            drop = (before - now) / before
+            if drop > policy.max_chat_drop + 1e-9:
+                failures.append(f"{metric} drops {drop:.1%} > {policy.max_chat_drop:.1%} vs {name}")
+    return failures
+
+
+def _first_model(
+    candidate: Mapping[str, float],
+    policy: PromotionPolicy,
+    baseline: Baseline | None = None,
+    baseline_paired: Mapping[str, Any] | None = None,
+) -> tuple[bool, str]:
     ie = policy.ie_metric
     failures: list[str] = []
     if candidate[ie] < policy.floor_mean_ie_f1:
@@ -44,6 +90,13 @@ def _first_model(candidate: Mapping[str, float], policy: PromotionPolicy) -> tup
             failures.append(f"{metric} {value if value is not None else 'missing'} < floor {floor:g}")
     if failures:
         return False, "first model below the floors: " + "; ".join(failures)
+    if baseline is not None and policy.first_vs_baseline:
+        worse = _not_worse(candidate, baseline.metrics, baseline.name, policy, baseline_paired)
+        if worse:
+            return False, f"first model worse than its baseline {baseline.name}: " + "; ".join(worse)
+        gain = (baseline_paired or {}).get("mean_ie_f1", {}).get("ci95")
+        versus = f"; vs {baseline.name}: " + (_ci(gain) if gain is not None else "not worse (point estimate)")
+        return True, f"first production model: passes the floors ({ie} {candidate[ie]:g}){versus}"
     return True, f"first production model: passes the floors ({ie} {candidate[ie]:g})"
 
 
@@ -58,6 +111,8 @@ def decide(
     *,
     protocols: tuple[str | None, str | None] = (None, None),
     paired: Mapping[str, Any] | None = None,
+    baseline: Baseline | None = None,
+    baseline_paired: Mapping[str, Any] | None = None,
 ) -> tuple[bool, str]:
     """(promote?, why): the gate, on summary metrics (percent points, as evaluate writes them).
 
@@ -65,6 +120,8 @@ def decide(
     under different ones (another decoding, other test records) are not compared at all.
     ``paired``: :func:`chatuie.comparison.paired_gain` of production's and the candidate's record
     scores; its ``mean_ie_f1`` interval decides the IE rule, its ``chat`` intervals go in the reason.
+    ``baseline`` / ``baseline_paired`` (the baseline's record scores paired with the candidate's):
+    only read when there is no production yet.
     """
     ie = policy.ie_metric
     if ie not in candidate:
@@ -77,7 +134,7 @@ def decide(
             "promote.allow_protocol_change compares them anyway"
         )
     if production is None:
-        return _first_model(candidate, policy)
+        return _first_model(candidate, policy, baseline, baseline_paired)
     if ie not in production:
         return False, f"production has no {ie} metric to compare with"
     failures: list[str] = []

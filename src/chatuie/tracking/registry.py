@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatuie.comparison import RECORD_SCORES_FILE
-from chatuie.gate import PromotionPolicy, decide
+from chatuie.gate import Baseline, PromotionPolicy, decide
 from chatuie.io import write_json
 from chatuie.packaged import PACKAGED_PREFIX
 from chatuie.tracking.store import (
@@ -246,19 +246,24 @@ def _record_scores(run_id: str | None) -> dict[str, Any] | None:
 
 
 def _paired(candidate: ModelVersion, production: ModelVersion | None) -> dict | None:
-    from chatuie.comparison import paired_gain
-
     if production is None:
         return None
-    before, after = _record_scores(production.run_id), _record_scores(candidate.run_id)
+    return _paired_scores(
+        _record_scores(production.run_id),
+        _record_scores(candidate.run_id),
+        f"versions {production.version} and {candidate.version}",
+    )
+
+
+def _paired_scores(before: Mapping | None, after: Mapping | None, what: str) -> dict | None:
+    from chatuie.comparison import paired_gain
+
     if before is None or after is None:
         return None
     try:
         return paired_gain(before, after)
     except ValueError as err:  # other records: the protocol check refuses these anyway
-        log.warning(
-            "no paired comparison of versions %s and %s: %s", production.version, candidate.version, err
-        )
+        log.warning("no paired comparison of %s: %s", what, err)
         return None
 
 
@@ -302,8 +307,12 @@ def promote(
     *,
     name: str = REGISTERED_MODEL,
     root: str | Path | None = None,
+    baseline: Baseline | None = None,
 ) -> Decision:
     """Gate ``version`` (default: the latest) against production; alias it production or candidate.
+
+    ``baseline``: the model ``version`` was trained from; with no production yet, a version worse
+    than it (beyond the noise of the paired record scores) stays a candidate.
 
     Promoted: ``production`` moves to it and it is pushed on the ``production_history`` tag (what
     :func:`rollback` pops). Not promoted: it gets ``candidate``. Either way the decision and its
@@ -325,12 +334,21 @@ def promote(
         candidate_tags = candidate_entry.tags
         production_tags = None if production_entry is None else production_entry.tags
         paired = _paired(candidate_entry, production_entry)
+        baseline_paired = None
+        if production_entry is None and baseline is not None:
+            baseline_paired = _paired_scores(
+                baseline.record_scores,
+                _record_scores(candidate_entry.run_id),
+                f"{baseline.name} and {version}",
+            )
         promoted, reason = decide(
             _metric_tags(candidate_tags),
             None if production_tags is None else _metric_tags(production_tags),
             policy,
             protocols=(candidate_tags.get(PROTOCOL_TAG), (production_tags or {}).get(PROTOCOL_TAG)),
             paired=paired,
+            baseline=baseline,
+            baseline_paired=baseline_paired,
         )
         decision = Decision(version, promoted, PRODUCTION if promoted else CANDIDATE, reason, current)
         if paired and "mean_ie_f1" in paired:
