@@ -115,10 +115,9 @@ def _first(baseline: dict, candidate: dict) -> tuple[bool, str, dict]:
 
 def _gate(production: dict, candidate: dict) -> tuple[bool, str, dict]:
     paired = paired_gain(production["scores"], candidate["scores"])
-    chat = {"webqa_rouge1": 20.0, "ceval_accuracy": 50.0}
     ok, reason = decide(
-        {"mean_ie_f1": candidate["f1"], **chat},
-        {"mean_ie_f1": production["f1"], **chat},
+        {"mean_ie_f1": candidate["f1"], **CHAT_SCORES},
+        {"mean_ie_f1": production["f1"], **CHAT_SCORES},
         POLICY,
         paired=paired,
     )

@@ -33,8 +33,6 @@ class PromotionPolicy:
     # True: compare scores although production was evaluated under another protocol (evaluate
     # params changed since); a deliberate, reviewable choice for the one run after such a change.
     allow_protocol_change: bool = False
-    # A first version is measured against its baseline (register.baseline) where one is given.
-    first_vs_baseline: bool = True
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,14 @@ class Baseline:
     record_scores: Mapping[str, Any] | None = None  # chatuie.comparison.record_scores
 
 
-def _not_worse(
+def _chat_drop(before: float, now: float, policy: PromotionPolicy) -> tuple[float, bool]:
+    """(relative drop of a chat metric, whether it exceeds ``max_chat_drop``); a zero ``before``
+    cannot drop."""
+    drop = (before - now) / before if before > 0 else 0.0
+    return drop, drop > policy.max_chat_drop + 1e-9
+
+
+def _worse_than_baseline(
     candidate: Mapping[str, float],
     baseline: Mapping[str, float],
     name: str,
@@ -67,9 +72,9 @@ def _not_worse(
             failures.append(f"{ie} {gain:+.2f} vs {name} (point estimate: no record scores)")
     for metric in policy.floor_chat:
         before, now = baseline.get(metric), candidate.get(metric)
-        if before is not None and now is not None and before > 0:
-            drop = (before - now) / before
-            if drop > policy.max_chat_drop + 1e-9:
+        if before is not None and now is not None:
+            drop, too_far = _chat_drop(before, now, policy)
+            if too_far:
                 failures.append(f"{metric} drops {drop:.1%} > {policy.max_chat_drop:.1%} vs {name}")
     return failures
 
@@ -90,8 +95,8 @@ def _first_model(
             failures.append(f"{metric} {value if value is not None else 'missing'} < floor {floor:g}")
     if failures:
         return False, "first model below the floors: " + "; ".join(failures)
-    if baseline is not None and policy.first_vs_baseline:
-        worse = _not_worse(candidate, baseline.metrics, baseline.name, policy, baseline_paired)
+    if baseline is not None:
+        worse = _worse_than_baseline(candidate, baseline.metrics, baseline.name, policy, baseline_paired)
         if worse:
             return False, f"first model worse than its baseline {baseline.name}: " + "; ".join(worse)
         gain = (baseline_paired or {}).get("mean_ie_f1", {}).get("ci95")
@@ -165,12 +170,12 @@ def decide(
         if before is None or now is None:
             failures.append(f"{metric} missing")
             continue
-        drop = (before - now) / before if before > 0 else 0.0
+        drop, too_far = _chat_drop(before, now, policy)
         detail = ""
         if metric in chat_intervals:
             low, high = chat_intervals[metric]["ci95"]
             detail = f", relative change 95% CI [{low:+.1%}, {high:+.1%}]"
-        if drop > policy.max_chat_drop + 1e-9:
+        if too_far:
             failures.append(
                 f"{metric} drops {drop:.1%} > {policy.max_chat_drop:.1%} ({now:g} vs {before:g}{detail})"
             )
