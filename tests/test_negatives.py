@@ -160,6 +160,8 @@ def assert_edit(kind: str, gold: set[tuple], neg: set[tuple]) -> None:
     added, removed = neg - gold, gold - neg
     if kind == "missing":
         assert not added and removed
+    elif kind == "emptied":
+        assert not neg and len(gold) >= 2
     elif kind == "invented":
         assert added and not removed
     elif kind == "label_swap":

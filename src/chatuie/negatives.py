@@ -16,7 +16,13 @@ type                   tasks    edit
 ``relation_type``      re       a relation's type -> another type of the schema
 ``role_swap``          ee       an argument's role -> another role of its event type
 ``trigger_shift``      ee       an event trigger's edge moved by 1..``max_shift`` characters
+``emptied``            all      every item left out: each label answers ``[]`` (gold has >= 2
+                                items; with one, that is ``missing``)
 =====================  =======  ================================================================
+
+``emptied`` is there because a policy can learn to answer nothing: session 12's PPO model answered
+every Resume record with empty lists under a reward model that had never seen gold next to an
+empty answer.
 
 Every negative is checked to differ from gold as a *set* of (label, span) items
 (:func:`chatuie.judge.flatten_answer`), not just as a string, so a scorer cannot call it right.
@@ -50,11 +56,20 @@ NEGATIVE_TYPES: tuple[str, ...] = (
     "relation_type",
     "role_swap",
     "trigger_shift",
+    "emptied",
 )
 TYPES_BY_TASK: dict[str, tuple[str, ...]] = {
-    "ner": ("label_swap", "boundary_shift", "missing", "invented"),
-    "re": ("label_swap", "boundary_shift", "missing", "invented", "relation_direction", "relation_type"),
-    "ee": ("boundary_shift", "missing", "invented", "role_swap", "trigger_shift"),
+    "ner": ("label_swap", "boundary_shift", "missing", "invented", "emptied"),
+    "re": (
+        "label_swap",
+        "boundary_shift",
+        "missing",
+        "invented",
+        "relation_direction",
+        "relation_type",
+        "emptied",
+    ),
+    "ee": ("boundary_shift", "missing", "invented", "role_swap", "trigger_shift", "emptied"),
 }
 _ATTEMPTS = 12  # random tries per edit before giving up on that type for this instruction
 
@@ -415,6 +430,12 @@ class _Editor:
             return None
         trigger = Trigger(where[0], where[1], text[where[0] : where[1]])
         return _replace_event(self.record, index, dataclasses.replace(event, trigger=trigger))
+
+    def emptied(self, rng: random.Random) -> Record | None:
+        del rng  # nothing to choose: every item goes
+        if len(flatten_answer(self.record.task, render(self.record, self.schema))) < 2:
+            return None
+        return dataclasses.replace(self.record, entities=[], relations=[], events=[])
 
 
 def make_negatives(
