@@ -47,30 +47,15 @@ from chatuie.judge import flatten_answer
 from chatuie.output_format import render
 from chatuie.records import Argument, Entity, Event, Record, Relation, Schema, Trigger
 
-NEGATIVE_TYPES: tuple[str, ...] = (
-    "label_swap",
-    "boundary_shift",
-    "missing",
-    "invented",
-    "relation_direction",
-    "relation_type",
-    "role_swap",
-    "trigger_shift",
-    "emptied",
-)
+_SPAN_TYPES = ("label_swap", "boundary_shift", "missing", "invented")  # what ner and re share
+# Each tuple's order seeds which types an instruction draws: reordering changes the negatives.
 TYPES_BY_TASK: dict[str, tuple[str, ...]] = {
-    "ner": ("label_swap", "boundary_shift", "missing", "invented", "emptied"),
-    "re": (
-        "label_swap",
-        "boundary_shift",
-        "missing",
-        "invented",
-        "relation_direction",
-        "relation_type",
-        "emptied",
-    ),
+    "ner": (*_SPAN_TYPES, "emptied"),
+    "re": (*_SPAN_TYPES, "relation_direction", "relation_type", "emptied"),
     "ee": ("boundary_shift", "missing", "invented", "role_swap", "trigger_shift", "emptied"),
 }
+# Every type, in first-seen order (make_negatives draws from its task's tuple, so order is cosmetic).
+NEGATIVE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for types in TYPES_BY_TASK.values() for t in types))
 _ATTEMPTS = 12  # random tries per edit before giving up on that type for this instruction
 
 
@@ -270,10 +255,16 @@ class _Editor:
     """The edits of one instruction (record + schema); each returns an edited record or None."""
 
     def __init__(
-        self, record: Record, schema: Schema, settings: NegativeSettings, confusion: ConfusionTable
+        self,
+        record: Record,
+        schema: Schema,
+        settings: NegativeSettings,
+        confusion: ConfusionTable,
+        gold_items: set[tuple[str, ...]],
     ) -> None:
         self.record = record
         self.schema = schema
+        self.gold_items = gold_items  # flatten_answer of the gold rendering
         self.settings = settings
         self.confusion = confusion
 
@@ -433,7 +424,7 @@ class _Editor:
 
     def emptied(self, rng: random.Random) -> Record | None:
         del rng  # nothing to choose: every item goes
-        if len(flatten_answer(self.record.task, render(self.record, self.schema))) < 2:
+        if len(self.gold_items) < 2:
             return None
         return dataclasses.replace(self.record, entities=[], relations=[], events=[])
 
@@ -453,8 +444,8 @@ def make_negatives(
     """
     if record.task not in TYPES_BY_TASK:
         raise ValueError(f"record {record.id}: task {record.task!r} has no negatives")
-    editor = _Editor(record, schema, settings, confusion or ConfusionTable())
     gold_items = flatten_answer(record.task, render(record, schema))
+    editor = _Editor(record, schema, settings, confusion or ConfusionTable(), gold_items)
     rng = record_rng(settings.seed, "negatives", record.id, instruction)
     types = [t for t in TYPES_BY_TASK[record.task] if t in settings.types]
     rng.shuffle(types)
