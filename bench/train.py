@@ -9,13 +9,16 @@ the stage selects, params.yaml's ``sft`` section) and measures:
   dataloader, its collator, its chunked loss): what the hardware gives;
 * ``trainer``: ``trainer.train()`` for the same number of steps, timed between step ends.
 
-The first step of each is warm-up and not counted. Tokens are non-padding input tokens. Results go
-to ``bench/results/train.json``; the ratio bare / trainer tokens/s is the trainer's overhead, and
-samples/s is what F1 per CPU-minute follows. Other processes on the machine slow both loops: the
-load average is recorded beside the numbers.
+The first step of each is warm-up and not counted. Tokens are non-padding input tokens. The process
+keeps freed memory for reuse as every stage does (chatuie.allocator); ``--glibc-default`` measures
+glibc's own allocator instead. Results go to ``bench/results/train.json``; the ratio bare / trainer
+tokens/s is the trainer's overhead, and samples/s is what F1 per CPU-minute follows. Other
+processes on the machine slow both loops: the load average is recorded beside the numbers.
 
     python bench/train.py                                   # all variants on models/base
     python bench/train.py --variants lora-bf16,lora-fp32 --steps 4
+    python bench/train.py --variants lora-bf16-nodropout,lora-bf16-nodropout-answerloss \
+        --out bench/results/train_kept.json           # and again with --glibc-default
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tasks"))
 
 from sft import SFTStageConfig, select_samples  # noqa: E402  (the stage's own sample selection)
 
+from chatuie.allocator import keep_freed_memory  # noqa: E402
 from chatuie.config import build, load_params  # noqa: E402
 from chatuie.io import read_jsonl  # noqa: E402
 from chatuie.modeling import (  # noqa: E402
@@ -63,6 +67,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], bool]] = {
     "lora-bf16-bf16adapters-upper-half": ("bfloat16", {**BF16_ADAPTERS, "layers": "upper-half"}, {}, False),
     "lora-bf16-bf16adapters-packing": ("bfloat16", BF16_ADAPTERS, {"packing": True}, False),
     "lora-bf16-bf16adapters-compile": ("bfloat16", BF16_ADAPTERS, {}, True),
+    # chatuie.answer_loss instead of TRL's chunked float32 head
+    "lora-bf16-nodropout-answerloss": ("bfloat16", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
+    "lora-bf16-bf16adapters-answerloss": ("bfloat16", BF16_ADAPTERS, {"loss_type": "answer_nll"}, False),
     "lora-fp32": ("float32", NO_DROPOUT, {}, False),
     "full-fp32": ("float32", None, {}, False),
 }
@@ -164,7 +171,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per loop (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    parser.add_argument(
+        "--glibc-default", action="store_true", help="leave glibc's allocator as it is (no chatuie.allocator)"
+    )
     args = parser.parse_args()
+    kept_freed_memory = False if args.glibc_default else keep_freed_memory()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     base_config = build(ModelConfig, params.get("model"), "params.yaml: model")
@@ -184,6 +195,7 @@ def main() -> None:
         "model": str(args.model),
         "threads": args.threads,
         "steps": args.steps,
+        "allocator": "keep freed memory (chatuie.allocator)" if kept_freed_memory else "glibc default",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "results": results,
     }

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from chatuie.allocator import keep_freed_memory
 from chatuie.config import ConfigError, build, load_params
 from chatuie.packaged import PackagedModelError
 from chatuie.records import ConversionError
@@ -40,6 +41,7 @@ def run(main: Callable[[], Any], stage: str | None = None, *, track: bool = True
     ``track=False``: a command that is no stage (a CLI) runs untracked.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    keep_freed_memory()  # big tensors reuse freed heap memory instead of page-faulting it in again
     try:
         with _tracked(stage) if track else contextlib.nullcontext():
             main()

@@ -408,11 +408,13 @@ def test_lora_from_local_dir_train_save_reload_merge(saved_tiny, tmp_path):
         torch.testing.assert_close(again(**probe).logits, logits, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("loss_type", ["chunked_nll", "answer_nll"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_foreign_tokenizer_without_template_gets_chatml(tmp_path, tied):
+def test_foreign_tokenizer_without_template_gets_chatml(tmp_path, tied, loss_type):
     """A local base whose tokenizer has no chat template and no ChatML tokens (a plain LM): the two
-    added tokens train with LoRA under TRL's default (chunked) loss, tied embeddings or not (peft's
-    TrainableTokensWrapper on a tied head had no ``bias``, which the chunked loss reads)."""
+    added tokens train with LoRA under TRL's default (chunked) loss and under chatuie's answer loss,
+    tied embeddings or not (peft's TrainableTokensWrapper on a tied head had no ``bias``, which the
+    chunked loss reads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -449,10 +451,9 @@ def test_foreign_tokenizer_without_template_gets_chatml(tmp_path, tied):
     assert model.generation_config.eos_token_id[0] == im_end and 0 in model.generation_config.eos_token_id
     deltas = {n: p.detach().clone() for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
     assert len(deltas) == (1 if tied else 2)  # the input rows, and the head's own when untied
-    assert settings().loss_type == "chunked_nll"
-    result = teach_to_answer(
-        model, tokenizer, SAMPLES, settings(max_steps=2, logging_steps=1), tmp_path / "run"
-    )
+    assert TeachSettings().loss_type == "chunked_nll"  # TRL's default unless params say otherwise
+    two_steps = settings(max_steps=2, logging_steps=1, loss_type=loss_type)
+    result = teach_to_answer(model, tokenizer, SAMPLES, two_steps, tmp_path / "run")
     trained = dict(result.model.named_parameters())
     for name, before in deltas.items():
         assert not torch.equal(trained[name], before), f"new token rows not trained: {name}"
