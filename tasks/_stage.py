@@ -34,14 +34,19 @@ def section(name: str, cls: type[T], params_path: Path | None = None) -> T:
     return build(cls, params.get(name), f"params.yaml: {name}")
 
 
-def run(main: Callable[[], Any], stage: str | None = None, *, track: bool = True) -> None:
+def run(
+    main: Callable[[], Any], stage: str | None = None, *, track: bool = True, reuse_freed_memory: bool = True
+) -> None:
     """Run a stage; expected failures print one clear line and exit 1 (no traceback noise).
 
     ``stage``: the DVC stage name, when the command line alone does not identify it.
     ``track=False``: a command that is no stage (a CLI) runs untracked.
+    ``reuse_freed_memory``: big tensors reuse freed heap memory instead of page-faulting it in
+    again (chatuie.allocator; faster, but the process keeps its peak memory).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    keep_freed_memory()  # big tensors reuse freed heap memory instead of page-faulting it in again
+    if reuse_freed_memory:
+        keep_freed_memory()
     try:
         with _tracked(stage) if track else contextlib.nullcontext():
             main()

@@ -107,4 +107,6 @@ def train() -> None:
 
 
 if __name__ == "__main__":
-    run(train)
+    # glibc's allocator as it is: PPO holds its models and full-vocabulary logits at once, and kept
+    # freed memory raised its peak from 21.1 to 23.7 GB on this 24 GB machine (3:58 instead of 4:37).
+    run(train, reuse_freed_memory=False)
