@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from chatuie.allocator import keep_freed_memory
 from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
 from chatuie.constrained import IEConstraintProcessor, IERequest, clear_caches, token_table
 from chatuie.io import read_jsonl
@@ -300,7 +301,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (best)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decoding.json")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the constrained runs here")
+    parser.add_argument(
+        "--glibc-default", action="store_true", help="leave glibc's allocator as it is (no chatuie.allocator)"
+    )
     args = parser.parse_args()
+    # As the evaluate stage runs: freed memory kept for reuse (chatuie.allocator), unless asked not to.
+    kept_freed_memory = False if args.glibc_default else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -432,6 +438,7 @@ def main() -> None:
         "decoding": "greedy",
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
+        "allocator": "keep freed memory (chatuie.allocator)" if kept_freed_memory else "glibc default",
         "device": "cuda" if next(model.parameters()).is_cuda else "cpu",
         "machine": platform.machine(),
         # Other processes compete for the cores: read the timings with this in mind.
