@@ -151,7 +151,7 @@ def test_retry_after_is_capped(server: JudgeServer, tmp_path: Path) -> None:
     server.fail_next("429", 1, retry_after=3600)
     t0 = time.monotonic()
     results, stats = score_all(make_items(1), cfg)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 60.0  # far below the 3600 s asked for: the cap held
     assert results[0].status == "scored" and stats.retries == 1
 
 
@@ -165,14 +165,16 @@ def test_500_is_retried(server: JudgeServer, tmp_path: Path) -> None:
 
 def test_timeout_is_retried(server: JudgeServer, tmp_path: Path) -> None:
     cfg = make_config(server, tmp_path, timeout_s=0.5, max_concurrency=1)
-    server.fail_next("slow", 1, slow_s=1.5)
+    # the slow answer takes 30 s: finishing well before it proves the client gave up at its
+    # timeout, with room for a loaded CI machine (a tight bound failed beside a busy repro)
+    server.fail_next("slow", 1, slow_s=30.0)
     item = make_items(1)[0]
     t0 = time.monotonic()
     results, stats = score_all([item], cfg)
     elapsed = time.monotonic() - t0
     assert results[0].status == "scored" and results[0].score == expected(item)
     assert stats.retries == 1 and stats.calls_made == 2 == server.completion_requests
-    assert 0.5 <= elapsed < 1.4  # waited for the timeout, not for the slow answer
+    assert 0.5 <= elapsed < 15.0  # waited for the timeout, not for the slow answer
 
 
 def test_broken_connection_is_retried(server: JudgeServer, tmp_path: Path) -> None:
