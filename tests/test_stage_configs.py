@@ -32,3 +32,26 @@ def test_constraint_modes_per_model() -> None:
 def test_bad_constraint_modes_name_the_field(section: dict, where: str) -> None:
     with pytest.raises(ConfigError, match=where):
         build(EvaluateStageConfig, section, "evaluate")
+
+
+@pytest.mark.parametrize(
+    "text, value", [("5e-05", 5e-05), ("1E-4", 1e-4), ("-2.5e+3", -2500.0), (".5e1", 5.0)]
+)
+def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: float) -> None:
+    # `dvc exp run -S rl.grpo.learning_rate=5e-5` writes 5e-05, which PyYAML reads as a string
+    from rl import RLStageConfig
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")
+    config = build(RLStageConfig, load_params(path)["rl"], "params.yaml: rl")
+    assert config.grpo.learning_rate == value and isinstance(config.grpo.learning_rate, float)
+
+
+@pytest.mark.parametrize("text", ["'fast'", "5e", "e-5", "1e-5x"])
+def test_non_numbers_for_a_float_still_name_the_field(tmp_path, text: str) -> None:
+    from rl import RLStageConfig
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")
+    with pytest.raises(ConfigError, match=r"rl\.grpo\.learning_rate: expected float"):
+        build(RLStageConfig, load_params(path)["rl"], "params.yaml: rl")
