@@ -124,9 +124,9 @@ def prompt_options_for(model_dir: str | Path | None, params_path: str | Path = "
     if model_dir is not None and (Path(model_dir) / PROMPT_FILE).is_file():
         candidates.append(json.loads((Path(model_dir) / PROMPT_FILE).read_text(encoding="utf-8")))
     elif Path(params_path).is_file():
-        import yaml
+        from chatuie.config import load_params
 
-        params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
+        params = load_params(params_path)
         candidates.append(((params.get("samples") or {}).get("chat")) or {})
     known = {f.name for f in fields(ChatOptions)}
     for data in candidates:

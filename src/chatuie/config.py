@@ -17,11 +17,26 @@ class ConfigError(ValueError):
     pass
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus YAML 1.2's exponent floats.
+
+    DVC writes `dvc exp run -S key=5e-5` as YAML 1.2 (`5e-05`, no dot), which YAML 1.1 reads as
+    text; here it is the float DVC meant, for every key.
+    """
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_ParamsLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -47,18 +62,11 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     return cls(**kwargs)
 
 
-# DVC writes `dvc exp run -S key=5e-5` as YAML 1.2 (`5e-05`, no dot), which PyYAML's YAML 1.1
-# reads as text: such a string is the float DVC meant.
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
