@@ -42,6 +42,7 @@ from chatuie.reward import (
     negative_pairs,
     pair_split,
     pairwise_accuracy,
+    reward_config,
     save_reward_model,
     score_sequences,
     tokenize_pairs,
@@ -278,6 +279,27 @@ def test_frozen_embeddings_stay_while_the_rest_trains(project: Path) -> None:
     trained = train_reward_model(model, tokenizer, pairs, settings).model
     assert torch.equal(trained.get_input_embeddings().weight, embedding)
     assert not torch.equal(trained.score.weight, score)
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights(project: Path) -> None:
+    """rm.train.bf16: the Trainer's autocast runs the matmuls in bf16, the weights stay float32."""
+    records = [r for d in IE for r in fixture_records(copies=2)[d]["train"]]
+    pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)
+    assert reward_config(RewardTrainSettings(bf16=True), "unused").bf16
+    assert not reward_config(RewardTrainSettings(), "unused").bf16
+    heads = {}
+    for bf16 in (False, True):
+        model, tokenizer = load_reward_base(project / "models" / "sft")
+        settings = RewardTrainSettings(
+            max_steps=2, per_device_batch_size=4, learning_rate=1e-3, max_length=1024, bf16=bf16
+        )
+        trained = train_reward_model(model, tokenizer, pairs, settings).model
+        assert {p.dtype for p in trained.parameters()} == {torch.float32}
+        heads[bf16] = trained.score.weight.detach().clone()
+    # Same seed and data: only the bf16 rounding of the matmuls tells the runs apart.
+    assert not torch.equal(heads[True], heads[False])
+    cosine = torch.nn.functional.cosine_similarity(heads[True].flatten(), heads[False].flatten(), dim=0)
+    assert cosine > 0.8  # the same direction learnt (0.93 when written)
 
 
 def test_head_learning_rate_moves_the_head_faster(project: Path) -> None:

@@ -337,6 +337,9 @@ class RewardTrainSettings:
     # The input embedding stays as SFT left it: on Gemma it is 170 M of the 268 M parameters, and
     # its gradient and Adam state cost more than what a few hundred pairs can teach it.
     freeze_embeddings: bool = False
+    # bf16 autocast around fp32 weights and Adam state (Trainer's mixed precision): the matmuls run
+    # in bf16 (AVX-512 BF16 / AMX), updates stay fp32; scoring after training stays fp32.
+    bf16: bool = False
     seed: int = 13
     device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
@@ -473,6 +476,7 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
         "save_strategy": "no",  # minutes-long run: a checkpoint costs more than a rerun
         "eval_strategy": "no",
         **trainer_safety_args(settings.device, settings.seed),
+        "bf16": settings.bf16,
     }
     kwargs.update(overrides)
     return RewardConfig(**kwargs)
