@@ -21,6 +21,7 @@ from chatuie.modeling import LoraSettings, _wrap_lora, generate, load_saved, sav
 from chatuie.records import Schema
 from chatuie.reward import load_reward_base, load_reward_model, save_reward_model
 from chatuie.rl import (
+    F1Reward,
     GRPOSettings,
     PPOSettings,
     RLConfig,
@@ -96,6 +97,33 @@ def test_f1_and_validity_rewards(prompts: list[dict[str, Any]]) -> None:
     valid = validity_reward(completions, **kwargs)
     assert valid[0] == 1.0 and 0.5 < valid[1] < 1.0 and 0.5 < valid[2] < 1.0 and valid[3] == 0.0
     assert f1_reward(["{}"], task=["ner"], text=["x"], gold=['{"PER":[]}']) == [1.0]  # plain strings too
+
+
+def test_f1_by_part_keeps_a_few_right_relations_worth_more_than_none() -> None:
+    """rl.grpo.f1_reward: parts. Over all items, dropping relations (mostly wrong ones) can raise
+    F1; the mean of the parts' F1 makes an answer without relations lose half its reward."""
+    gold = {
+        "entities": {"Peop": ["Ann", "Bob"], "Loc": ["Rome", "Oslo"], "Org": ["IBM", "ACME"]},
+        "relations": {"Live_In": [{"head": "Ann", "tail": "Rome"}, {"head": "Bob", "tail": "Oslo"}]},
+    }
+    no_relations = {**gold, "relations": {"Live_In": []}}
+    wrong = [{"head": "Ann", "tail": "Oslo"}, {"head": "Bob", "tail": "Rome"}, {"head": "Ann", "tail": "IBM"}]
+    one_right = {**gold, "relations": {"Live_In": [gold["relations"]["Live_In"][0], *wrong]}}
+    answers = [json.dumps(a) for a in (gold, no_relations, one_right)]
+    kwargs = {
+        "task": ["re"] * 3,
+        "text": ["Ann, Bob, Rome, Oslo, IBM, ACME"] * 3,
+        "gold": [json.dumps(gold)] * 3,
+    }
+    items = f1_reward(answers, **kwargs)
+    parts = F1Reward(by_part=True)(answers, **kwargs)
+    assert items[0] == parts[0] == 1.0
+    assert items[1] > items[2]  # over all items, no relations beats one right of four
+    assert parts[1] == 0.5 < parts[2]  # by part, the right relation counts
+    assert F1Reward(by_part=True)(["{}"], task=["ner"], text=["x"], gold=['{"PER":[]}']) == [1.0]
+    assert F1Reward(by_part=True)(['{"PER": ['], task=["ner"], text=["x"], gold=['{"PER":[]}']) == [0.0]
+    with pytest.raises(ValueError, match="f1_reward"):
+        GRPOSettings(f1_reward="macro")
 
 
 # ----------------------------------------------------------------------------------------------- PPO
