@@ -194,6 +194,36 @@ def test_several_types_per_instruction_and_deterministic() -> None:
     assert [(n.type, n.answer) for n in other] != [(n.type, n.answer) for n in first]
 
 
+def test_type_weights_draw_the_weighted_types_more_often() -> None:
+    """A weight of 6 on relation_type makes it the first of two draws far more often than uniform;
+    an empty weight map keeps the unweighted shuffle (the negatives made before weights existed)."""
+    record = re_record()
+
+    def first_types(weights: dict[str, float]) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for instruction in range(300):
+            settings = NegativeSettings(per_instruction=1, type_weights=weights, seed=3)
+            made = make_negatives(record, record.schema, settings, instruction=instruction)
+            seen.update(n.type for n in made)
+        return seen
+
+    uniform, weighted = first_types({}), first_types({"relation_type": 6.0})
+    n_types = len(TYPES_BY_TASK["re"])
+    assert uniform["relation_type"] < 2 * 300 / n_types  # ~1/7 of the draws
+    assert weighted["relation_type"] > 300 / 3  # 6 / (6 + 6) = half of the draws by expectation
+    assert sum(weighted.values()) == sum(uniform.values()) == 300
+    before = make_negatives(record, record.schema, NegativeSettings(per_instruction=2, seed=3))
+    unweighted = NegativeSettings(per_instruction=2, seed=3, type_weights={})
+    assert [n.answer for n in make_negatives(record, record.schema, unweighted)] == [n.answer for n in before]
+
+
+def test_type_weights_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown types"):
+        NegativeSettings(type_weights={"role_swop": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        NegativeSettings(type_weights={"role_swap": 0.0})
+
+
 def test_empty_gold_gets_invented_negatives_only() -> None:
     record = ner_record()
     schema = Schema(entities=["EDU", "PRO"])  # absent labels: the gold answer is all []

@@ -68,14 +68,36 @@ class NegativeSettings:
     max_shift: int = 3  # boundary / trigger shifts move an edge by 1..max_shift characters
     max_invented_length: int = 8  # invented spans are 1..this many characters
     confusion_smoothing: float = 1.0  # added to every confusion count (0: only observed confusions)
+    # How often a type is drawn first, relative to 1 (unnamed types): the hard, rarely applicable
+    # edits (a relation's type, an argument's role) get more pairs. Empty: a uniform shuffle.
+    type_weights: dict[str, float] = field(default_factory=dict)
     seed: int = 13
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.types) - set(NEGATIVE_TYPES))
         if unknown:
             raise ValueError(f"unknown negative types {unknown} (known: {', '.join(NEGATIVE_TYPES)})")
+        unknown = sorted(set(self.type_weights) - set(NEGATIVE_TYPES))
+        if unknown:
+            known = ", ".join(NEGATIVE_TYPES)
+            raise ValueError(f"negatives.type_weights: unknown types {unknown} (known: {known})")
+        bad = {k: w for k, w in self.type_weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"negatives.type_weights: weights must be > 0, got {bad}")
         if self.max_shift < 1 or self.max_invented_length < 1 or self.per_instruction < 0:
             raise ValueError("negatives: max_shift and max_invented_length >= 1, per_instruction >= 0")
+
+    def draw_order(self, types: Sequence[str], rng: random.Random) -> list[str]:
+        """``types`` in the order an instruction tries them: a shuffle, weighted when weights are set.
+
+        Weighted sampling without replacement (Efraimidis-Spirakis: sort by ``u ** (1 / w)``).
+        """
+        if not self.type_weights:
+            order = list(types)
+            rng.shuffle(order)  # unweighted: the draws of the runs before type_weights existed
+            return order
+        keys = {t: rng.random() ** (1.0 / self.type_weights.get(t, 1.0)) for t in types}
+        return sorted(types, key=lambda t: -keys[t])
 
 
 @dataclass(frozen=True)
@@ -447,8 +469,7 @@ def make_negatives(
     gold_items = flatten_answer(record.task, render(record, schema))
     editor = _Editor(record, schema, settings, confusion or ConfusionTable(), gold_items)
     rng = record_rng(settings.seed, "negatives", record.id, instruction)
-    types = [t for t in TYPES_BY_TASK[record.task] if t in settings.types]
-    rng.shuffle(types)
+    types = settings.draw_order([t for t in TYPES_BY_TASK[record.task] if t in settings.types], rng)
     out: list[Negative] = []
     for kind in types:
         if len(out) >= settings.per_instruction:
