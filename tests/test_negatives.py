@@ -178,6 +178,9 @@ def assert_edit(kind: str, gold: set[tuple], neg: set[tuple]) -> None:
     elif kind == "relation_type":
         (new,) = [i for i in added if i[0] == "relation"]
         assert any(g[0] == "relation" and g[2:] == new[2:] and g[1] != new[1] for g in gold)
+    elif kind == "spurious_relation":
+        (new,) = added
+        assert new[0] == "relation" and not removed
     elif kind == "role_swap":
         (new,) = [i for i in added if i[0] == "argument"]
         assert any(g[0] == "argument" and g[3] == new[3] and g[2] != new[2] for g in gold)

@@ -14,6 +14,8 @@ type                   tasks    edit
 ``invented``           all      an in-text span that is not gold, with a schema label
 ``relation_direction`` re       a relation's head and tail swapped
 ``relation_type``      re       a relation's type -> another type of the schema
+``spurious_relation``  re       a relation gold does not state, between two of the record's entities
+                                (half the time a gold pair under another type, confusion-weighted)
 ``role_swap``          ee       an argument's role -> another role of its event type
 ``trigger_shift``      ee       an event trigger's edge moved by 1..``max_shift`` characters
 ``emptied``            all      every item left out: each label answers ``[]`` (gold has >= 2
@@ -22,7 +24,9 @@ type                   tasks    edit
 
 ``emptied`` is there because a policy can learn to answer nothing: session 12's PPO model answered
 every Resume record with empty lists under a reward model that had never seen gold next to an
-empty answer.
+empty answer. ``spurious_relation`` is there for the opposite: session 19's PPO model listed one
+entity pair under every relation type (232 CoNLL04 relations for 64 gold) under a reward model whose
+negatives only ever dropped or changed relations, never added one.
 
 Every negative is checked to differ from gold as a *set* of (label, span) items
 (:func:`chatuie.judge.flatten_answer`), not just as a string, so a scorer cannot call it right.
@@ -51,7 +55,7 @@ _SPAN_TYPES = ("label_swap", "boundary_shift", "missing", "invented")  # what ne
 # Each tuple's order seeds which types an instruction draws: reordering changes the negatives.
 TYPES_BY_TASK: dict[str, tuple[str, ...]] = {
     "ner": (*_SPAN_TYPES, "emptied"),
-    "re": (*_SPAN_TYPES, "relation_direction", "relation_type", "emptied"),
+    "re": (*_SPAN_TYPES, "relation_direction", "relation_type", "emptied", "spurious_relation"),
     "ee": ("boundary_shift", "missing", "invented", "role_swap", "trigger_shift", "emptied"),
 }
 # Every type, in first-seen order (make_negatives draws from its task's tuple, so order is cosmetic).
@@ -414,6 +418,29 @@ class _Editor:
             self.pick_label("relation", rel.type, candidates, rng), rel.head, rel.tail
         )
         return dataclasses.replace(self.record, relations=relations)
+
+    def spurious_relation(self, rng: random.Random) -> Record | None:
+        if not self.schema.relations:
+            return None
+        record = self.record
+        stated = {(r.type, r.head.text, r.tail.text) for r in record.relations}
+        gold = [record.relations[i] for i in _relations_in(record, self.schema)]
+        for _ in range(_ATTEMPTS):
+            if gold and rng.random() < 0.5:  # a gold pair under another type
+                rel = rng.choice(gold)
+                head, tail = rel.head, rel.tail
+                others = [label for label in self.schema.relations if label != rel.type]
+                if not others:
+                    continue
+                label = self.pick_label("relation", rel.type, others, rng)
+            elif len(record.entities) >= 2:  # any two of the record's entities
+                head, tail = rng.sample(list(record.entities), 2)
+                label = rng.choice(self.schema.relations)
+            else:
+                return None
+            if head.text != tail.text and (label, head.text, tail.text) not in stated:
+                return dataclasses.replace(record, relations=[*record.relations, Relation(label, head, tail)])
+        return None
 
     def role_swap(self, rng: random.Random) -> Record | None:
         choices = [
