@@ -19,8 +19,9 @@ import torch
 from chatuie.judge import flatten_answer
 from chatuie.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
 from chatuie.records import Schema
-from chatuie.reward import load_reward_base, load_reward_model, save_reward_model
+from chatuie.reward import PairTokenizer, load_reward_base, load_reward_model, save_reward_model
 from chatuie.rl import (
+    ConstrainedPPOGeneration,
     F1Reward,
     GRPOSettings,
     PPOSettings,
@@ -194,6 +195,64 @@ def test_ppo_with_frozen_embeddings_trains_the_rest(project: Path, prompts: list
     for model, embedding in zip((result.model, value_model), embeddings, strict=True):
         assert torch.equal(model.get_input_embeddings().weight, embedding)
     assert any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_constrained_ppo_rollouts_are_valid_and_keep_the_policys_log_probs(
+    project: Path, prompts: list[dict[str, Any]]
+) -> None:
+    """Through TRL's own rollout function: every sampled answer is grounded, and the scores PPO takes
+    its rollout log-probs from are the unconstrained policy's logits / temperature (as in its loss)."""
+    from transformers import GenerationConfig
+    from trl.experimental.ppo.ppo_trainer import batch_generation
+
+    policy, tokenizer = load_saved(project / "models" / "sft")
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id  # what PPOTrainer sets: <|im_end|>
+    encode, pad = PairTokenizer(tokenizer), tokenizer.pad_token_id
+    rows = [encode.prompt_ids(p["prompt"]) for p in prompts[:4]]
+    width = max(map(len, rows))
+    queries = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded, as TRL does
+    temperature = 0.7
+    config = GenerationConfig(max_new_tokens=48, temperature=temperature, top_k=0, top_p=1.0, do_sample=True)
+    torch.manual_seed(0)
+    with ConstrainedPPOGeneration(policy, tokenizer, prompts, max_new_tokens=48) as constrained:
+        responses, logits = batch_generation(policy, queries, 2, pad, config)
+    assert constrained.calls == 2 and "generate" not in vars(policy)  # unwrapped again
+    stop = tokenizer.eos_token_id
+    for prompt, response in zip(prompts[:4], responses[:, width:].tolist(), strict=True):
+        assert stop in response  # closed within the 48 tokens
+        answer = tokenizer.decode(response[: response.index(stop)])
+        assert (
+            validity(prompt["task"], answer, prompt["text"], Schema.from_dict(json.loads(prompt["schema"])))
+            == 1.0
+        )
+    with torch.no_grad():
+        mask = (responses != pad).long()
+        forward = policy(input_ids=responses.masked_fill(responses == pad, 0), attention_mask=mask).logits
+    expected = forward[:, width - 1 : -1] / temperature
+    first = logits[:, :4]  # the first tokens: sampled by every row, no padding yet
+    assert torch.allclose(first, expected[:, :4], atol=1e-3)
+    # Free sampling would leave the schema on some rows; the constraint sets disallowed tokens to
+    # -inf, which the returned scores must not show.
+    assert torch.isfinite(first).all()
+
+
+def test_ppo_with_constrained_rollouts_trains(project: Path, prompts: list[dict[str, Any]]) -> None:
+    policy, tokenizer, ref, reward_model, value_model = ppo_models(project)
+    settings = PPOSettings(
+        total_episodes=2,
+        per_device_batch_size=2,
+        local_rollout_forward_batch_size=2,
+        num_ppo_epochs=1,
+        response_length=48,
+        learning_rate=1e-3,
+        constrained_rollouts=True,
+    )
+    result = train_ppo(
+        policy, ref, reward_model, value_model, tokenizer, prompts, RLConfig(kl_coef=0.1, ppo=settings)
+    )
+    assert result.steps == 1 and math.isfinite(result.log[0]["reward"]) and math.isfinite(result.log[0]["kl"])
+    assert result.log[0]["eos_tokens"] == 2  # the constraint closes every answer within the budget
+    assert "generate" not in vars(result.model)
 
 
 def test_ppo_rejects_a_shared_reference(project: Path, prompts: list[dict[str, Any]]) -> None:

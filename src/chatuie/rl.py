@@ -3,9 +3,10 @@
 * ``ppo`` (the paper's): TRL's ``trl.experimental.ppo.PPOTrainer``. Policy and frozen reference are
   the SFT model, the reward is the reward model's score of ``prompt + answer + <|im_end|>``, the
   value model starts from the reward model; the per-token reward is ``-kl_coef * KL`` with the
-  score added on the last token (``kl_coef`` is the paper's β). Rollouts sample freely: TRL's PPO
-  generation takes no logits processor, so the grounding constraint is not applied while training
-  (evaluation applies it). Answers without ``<|im_end|>`` lose ``missing_eos_penalty``.
+  score added on the last token (``kl_coef`` is the paper's β). Rollouts sample freely, or with
+  ``rl.ppo.constrained_rollouts`` under the grounding constraint (:class:`ConstrainedPPOGeneration`:
+  TRL's PPO generation takes no logits processor, so the policy's ``generate`` is wrapped).
+  Answers without ``<|im_end|>`` lose ``missing_eos_penalty``.
 * ``grpo`` (beyond the paper): TRL's ``GRPOTrainer`` with three rewards - the reward model, a
   verifiable one (F1 of the answer against gold, :func:`chatuie.judge.reference_score`) and a
   validity one (parses, spans in the text, labels in the schema) - and ``beta = kl_coef``.
@@ -17,6 +18,7 @@ Prompts are the SFT instructions of training records (system + user turns), with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,6 +71,7 @@ class PPOSettings:
     lam: float = 0.95
     whiten_rewards: bool = False
     kl_estimator: str = "k1"  # "k1" (TRL's default) | "k3"
+    constrained_rollouts: bool = False  # sample with the grounding constraint (ConstrainedPPOGeneration)
 
 
 @dataclass(frozen=True)
@@ -277,14 +280,7 @@ class ConstrainedRollout:
     """
 
     def __init__(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float) -> None:
-        from chatuie.constrained import IERequest
-
-        self.requests = {
-            p["prompt"][-1]["content"]: IERequest(
-                p["task"], p["text"], Schema.from_dict(json.loads(p["schema"]))
-            )
-            for p in prompts
-        }
+        self.requests = {p["prompt"][-1]["content"]: _ie_request(p) for p in prompts}
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
 
@@ -326,6 +322,73 @@ class ConstrainedRollout:
             cut = next((i for i, t in enumerate(row) if t in stops), None)
             completion_ids.append(row[: cut + 1] if cut is not None else row)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+def _ie_request(prompt: dict[str, Any]):
+    """The constraint's view of an RL prompt: its task, text and schema."""
+    from chatuie.constrained import IERequest
+
+    return IERequest(prompt["task"], prompt["text"], Schema.from_dict(json.loads(prompt["schema"])))
+
+
+class ConstrainedPPOGeneration:
+    """PPO rollouts under the grounding constraint, while the ``with`` block runs.
+
+    TRL's PPOTrainer samples with ``policy.generate`` and takes the rollout log-probs from the scores
+    it returns, which are the *processed* scores. The wrapper adds the constraint as a logits
+    processor and hands back the raw logits / temperature instead, so the rollout log-probs, the KL
+    to the reference and the PPO ratio all come from the same unconstrained policy (as GRPO's
+    constrained rollouts do); only which tokens get sampled is constrained. Prompts are recognised
+    by their token ids (TRL left-pads them and masks the padding).
+    """
+
+    def __init__(self, policy, tokenizer, prompts: Sequence[dict[str, Any]], max_new_tokens: int) -> None:
+        encode = PairTokenizer(tokenizer)
+        self.requests = {tuple(encode.prompt_ids(p["prompt"])): _ie_request(p) for p in prompts}
+        self.policy, self.tokenizer, self.max_new_tokens = policy, tokenizer, max_new_tokens
+        self.calls = 0  # constrained generate calls (a test checks the wrapper was used)
+
+    def generate(self, *, input_ids, attention_mask, generation_config, **kwargs: Any):
+        from transformers import LogitsProcessorList
+
+        from chatuie.constrained import IEConstraintProcessor
+
+        try:
+            requests = [
+                self.requests[tuple(ids[mask.bool()].tolist())]
+                for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
+            ]
+        except KeyError:
+            raise ValueError("constrained PPO rollout: a query is not one of the RL prompts") from None
+        eos = self.policy.generation_config.eos_token_id
+        stops = [eos] if isinstance(eos, int) else list(eos or [self.tokenizer.eos_token_id])
+        processor = IEConstraintProcessor(
+            self.tokenizer,
+            requests,
+            prompt_length=input_ids.shape[1],
+            max_new_tokens=self.max_new_tokens,
+            eos_token_ids=stops,
+        )
+        output = self._original(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([processor]),
+            output_logits=True,
+            **kwargs,
+        )
+        temperature = generation_config.temperature or 1.0
+        output.scores = tuple(logits / temperature for logits in output.logits)
+        self.calls += 1
+        return output
+
+    def __enter__(self) -> ConstrainedPPOGeneration:
+        self._original = self.policy.generate
+        self.policy.generate = self.generate  # an instance attribute: shadows the class's method
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.policy.generate
 
 
 # -------------------------------------------------------------------------------------------- common
@@ -433,7 +496,11 @@ def train_ppo(
             # Never sampled from (num_sample_generations=0), but PPOTrainer builds a loader on it.
             eval_dataset=dataset.select(range(min(len(dataset), batch))),
         )
-        trainer.train()
+        constrained = None
+        if config.ppo.constrained_rollouts:
+            constrained = ConstrainedPPOGeneration(policy, tokenizer, prompts, config.ppo.response_length)
+        with constrained or contextlib.nullcontext():
+            trainer.train()
     rows = []
     for entry in trainer.state.log_history:
         if "objective/scores" not in entry:
