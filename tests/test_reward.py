@@ -302,6 +302,32 @@ def test_bf16_mixed_precision_keeps_fp32_weights(project: Path) -> None:
     assert cosine > 0.8  # the same direction learnt (0.93 when written)
 
 
+def test_frozen_layers_keep_the_lowest_layers_and_train_the_rest(project: Path) -> None:
+    records = [r for d in IE for r in fixture_records(copies=2)[d]["train"]]
+    pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)
+    model, tokenizer = load_reward_base(project / "models" / "sft")
+    layers = model.base_model.layers
+    before = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
+    settings = RewardTrainSettings(
+        max_steps=3,
+        per_device_batch_size=4,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        max_length=1024,
+        frozen_layers=1,
+    )  # the score head starts at zero: the backbone gets a gradient from the second step on
+    trained = train_reward_model(model, tokenizer, pairs, settings).model
+    after = [layer.state_dict() for layer in trained.base_model.layers]
+    assert all(torch.equal(before[0][k], v) for k, v in after[0].items())  # frozen
+    assert any(not torch.equal(before[-1][k], v) for k, v in after[-1].items())  # trained
+    with pytest.raises(ValueError, match="cannot freeze"):
+        train_reward_model(
+            model, tokenizer, pairs, RewardTrainSettings(max_steps=1, frozen_layers=len(layers) + 1)
+        )
+    with pytest.raises(ValueError, match="frozen_layers"):
+        RewardTrainSettings(frozen_layers=-1)
+
+
 def test_head_learning_rate_moves_the_head_faster(project: Path) -> None:
     records = [r for d in IE for r in fixture_records(copies=2)[d]["train"]]
     pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)

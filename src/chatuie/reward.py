@@ -337,6 +337,8 @@ class RewardTrainSettings:
     # The input embedding stays as SFT left it: on Gemma it is 170 M of the 268 M parameters, and
     # its gradient and Adam state cost more than what a few hundred pairs can teach it.
     freeze_embeddings: bool = False
+    # The lowest decoder layers that keep their SFT weights: backward stops above them (time a step).
+    frozen_layers: int = 0
     # bf16 autocast around fp32 weights and Adam state (Trainer's mixed precision): the matmuls run
     # in bf16 (AVX-512 BF16 / AMX), updates stay fp32; scoring after training stays fp32.
     bf16: bool = False
@@ -346,6 +348,8 @@ class RewardTrainSettings:
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise ValueError(f"rm.train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.frozen_layers < 0:
+            raise ValueError(f"rm.train.frozen_layers must be >= 0, got {self.frozen_layers}")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise ValueError(f"rm.train.head_learning_rate: > 0 or null, got {self.head_learning_rate}")
 
@@ -482,6 +486,20 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
     return RewardConfig(**kwargs)
 
 
+def freeze_lower_layers(model, count: int) -> None:
+    """No gradient for the first ``count`` decoder layers (with a frozen input embedding, the
+    backward pass then stops above them: less time a step, the lower features stay as SFT left them)."""
+    if count <= 0:
+        return
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to freeze")
+    if count > len(layers):
+        raise ValueError(f"cannot freeze {count} layers: {type(model).__name__} has {len(layers)}")
+    for layer in layers[:count]:
+        layer.requires_grad_(False)
+
+
 def head_rate_optimizer(model, settings: RewardTrainSettings) -> torch.optim.Optimizer | None:
     """AdamW with the ``score`` head in its own group at ``head_learning_rate``; None when the head
     trains at the backbone's rate (the Trainer then builds its optimizer as usual).
@@ -524,6 +542,7 @@ def train_reward_model(
         )
     if settings.freeze_embeddings:
         freeze_input_embeddings(model)
+    freeze_lower_layers(model, settings.frozen_layers)
     optimizer = head_rate_optimizer(model, settings)
     with tempfile.TemporaryDirectory(prefix="rm-") as scratch:
         args = reward_config(settings, output_dir or scratch, **config_overrides)
