@@ -58,10 +58,14 @@ def main() -> None:
         raise ConfigError(str(err)) from None
     main = is_main_process()  # data-parallel: rank 0 alone measures and writes
     before = {}
-    if main and any(bool(p.any()) for p in model.score.parameters()):
-        before = pairwise_accuracy(model, tokenizer, held, settings.eval_batch_size, settings.max_length)
-    elif main:  # a zero score head ties every pair: 50 % by construction, no pass over the pairs needed
-        before = {"accuracy": 50.0}
+    if main:
+        zero_head = not any(bool(p.any()) for p in model.score.parameters())
+        # A zero score head ties every pair: 50 % by construction, no pass over the pairs needed.
+        before = (
+            {"accuracy": 50.0}
+            if zero_head
+            else pairwise_accuracy(model, tokenizer, held, settings.eval_batch_size, settings.max_length)
+        )
     result = train_reward_model(model, tokenizer, train, settings)
     if not main:
         return

@@ -140,6 +140,18 @@ def ppo_models(project: Path) -> tuple[Any, Any, Any, Any, Any]:
     return policy, tokenizer, ref, reward_model, value_model
 
 
+def tiny_ppo(**overrides: Any) -> PPOSettings:
+    """PPO settings a tiny-model test runs in seconds: updates of 2 rollouts, one epoch, a high rate."""
+    settings = {
+        "per_device_batch_size": 2,
+        "local_rollout_forward_batch_size": 2,
+        "num_ppo_epochs": 1,
+        "learning_rate": 1e-3,
+        **overrides,
+    }
+    return PPOSettings(**settings)
+
+
 def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
     project: Path, prompts: list[dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -148,14 +160,7 @@ def test_ppo_few_episodes_saves_a_reloadable_model_that_generates(
     config = RLConfig(
         algorithm="ppo",
         kl_coef=0.1,
-        ppo=PPOSettings(
-            total_episodes=4,
-            per_device_batch_size=2,
-            local_rollout_forward_batch_size=2,
-            num_ppo_epochs=1,
-            response_length=12,
-            learning_rate=1e-3,
-        ),
+        ppo=tiny_ppo(total_episodes=4, response_length=12),
     )
     started = time.monotonic()
     result = train_ppo(policy, ref, reward_model, value_model, tokenizer, prompts, config)
@@ -182,14 +187,7 @@ def test_ppo_with_frozen_embeddings_trains_the_rest(project: Path, prompts: list
     config = RLConfig(
         kl_coef=0.1,
         freeze_embeddings=True,
-        ppo=PPOSettings(
-            total_episodes=2,
-            per_device_batch_size=2,
-            local_rollout_forward_batch_size=2,
-            num_ppo_epochs=1,
-            response_length=8,
-            learning_rate=1e-3,
-        ),
+        ppo=tiny_ppo(total_episodes=2, response_length=8),
     )
     result = train_ppo(policy, ref, reward_model, value_model, tokenizer, prompts, config)
     for model, embedding in zip((result.model, value_model), embeddings, strict=True):
@@ -238,15 +236,7 @@ def test_constrained_ppo_rollouts_are_valid_and_keep_the_policys_log_probs(
 
 def test_ppo_with_constrained_rollouts_trains(project: Path, prompts: list[dict[str, Any]]) -> None:
     policy, tokenizer, ref, reward_model, value_model = ppo_models(project)
-    settings = PPOSettings(
-        total_episodes=2,
-        per_device_batch_size=2,
-        local_rollout_forward_batch_size=2,
-        num_ppo_epochs=1,
-        response_length=48,
-        learning_rate=1e-3,
-        constrained_rollouts=True,
-    )
+    settings = tiny_ppo(total_episodes=2, response_length=48, constrained_rollouts=True)
     result = train_ppo(
         policy, ref, reward_model, value_model, tokenizer, prompts, RLConfig(kl_coef=0.1, ppo=settings)
     )

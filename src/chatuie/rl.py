@@ -272,6 +272,12 @@ class RewardModelReward:
         return score_sequences(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size)
 
 
+def _generation_stops(model, tokenizer) -> list[int]:
+    """The token ids ``model`` stops generating on now (a trainer may have narrowed them)."""
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+
+
 class ConstrainedRollout:
     """GRPO ``rollout_func``: sample each prompt's completion under the grounding constraint.
 
@@ -299,8 +305,7 @@ class ConstrainedRollout:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
         device = next(model.parameters()).device
         requests = [self.requests[p[-1]["content"]] for p in prompts]
-        eos = model.generation_config.eos_token_id
-        stops = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+        stops = _generation_stops(model, tokenizer)
         processor = IEConstraintProcessor(
             tokenizer, requests, prompt_length=width, max_new_tokens=self.max_new_tokens, eos_token_ids=stops
         )
@@ -360,8 +365,7 @@ class ConstrainedPPOGeneration:
             ]
         except KeyError:
             raise ValueError("constrained PPO rollout: a query is not one of the RL prompts") from None
-        eos = self.policy.generation_config.eos_token_id
-        stops = [eos] if isinstance(eos, int) else list(eos or [self.tokenizer.eos_token_id])
+        stops = _generation_stops(self.policy, self.tokenizer)
         processor = IEConstraintProcessor(
             self.tokenizer,
             requests,
