@@ -25,6 +25,7 @@ from chatuie.rl import (
     F1Reward,
     GRPOSettings,
     PPOSettings,
+    RewardModelWithF1,
     RLConfig,
     RLResult,
     f1_reward,
@@ -243,6 +244,49 @@ def test_ppo_with_constrained_rollouts_trains(project: Path, prompts: list[dict[
     assert result.steps == 1 and math.isfinite(result.log[0]["reward"]) and math.isfinite(result.log[0]["kl"])
     assert result.log[0]["eos_tokens"] == 2  # the constraint closes every answer within the budget
     assert "generate" not in vars(result.model)
+
+
+def test_ppo_reward_with_f1_adds_the_answers_f1_to_the_reward_models_score(
+    project: Path, prompts: list[dict[str, Any]]
+) -> None:
+    """Through TRL's own get_reward on left-padded, right-padded rollouts: gold earns the reward
+    model's score + weight, an empty answer the score + weight x its F1 (0 unless gold is empty)."""
+    from trl.experimental.utils import get_reward
+
+    _, tokenizer, _, reward_model, _ = ppo_models(project)
+    encode, pad = PairTokenizer(tokenizer), tokenizer.pad_token_id
+    chosen = [p for p in prompts if flatten_answer(p["task"], p["gold"])][:2]
+    queries = [encode.prompt_ids(p["prompt"]) for p in chosen]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in (chosen[0]["gold"], "{}")]
+    width, long = max(map(len, queries)), max(map(len, answers)) + 1
+    rows = [
+        [pad] * (width - len(q)) + q + a + [tokenizer.eos_token_id] + [pad] * (long - len(a) - 1)
+        for q, a in zip(queries, answers, strict=True)
+    ]
+    batch = torch.tensor(rows)
+    weight = 2.0
+    scored = RewardModelWithF1(reward_model, tokenizer, prompts, weight, F1Reward())
+    with torch.no_grad():
+        _, plain, _ = get_reward(reward_model, batch, pad, width)
+        _, with_f1, _ = get_reward(scored, batch, pad, width)
+    assert scored.f1 == [1.0, 0.0]
+    assert torch.allclose(with_f1, plain + weight * torch.tensor([1.0, 0.0]), atol=1e-5)
+    stranger = torch.tensor([[pad] * 3 + [5, 6, 7] + [tokenizer.eos_token_id]])
+    with pytest.raises(ValueError, match="RL prompts"), torch.no_grad():
+        get_reward(scored, stranger, pad, 6)
+
+
+def test_ppo_with_an_f1_term_trains_and_logs_it(project: Path, prompts: list[dict[str, Any]]) -> None:
+    policy, tokenizer, ref, reward_model, value_model = ppo_models(project)
+    settings = tiny_ppo(total_episodes=4, response_length=12, f1_weight=1.0, f1_reward="parts")
+    result = train_ppo(
+        policy, ref, reward_model, value_model, tokenizer, prompts, RLConfig(kl_coef=0.1, ppo=settings)
+    )
+    assert result.steps == 2 and all(0.0 <= row["f1"] <= 1.0 for row in result.log)
+    with pytest.raises(ValueError, match="f1_reward"):
+        PPOSettings(f1_reward="spans")
+    with pytest.raises(ValueError, match="f1_weight"):
+        PPOSettings(f1_weight=-1.0)
 
 
 def test_ppo_rejects_a_shared_reference(project: Path, prompts: list[dict[str, Any]]) -> None:

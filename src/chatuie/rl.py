@@ -72,6 +72,15 @@ class PPOSettings:
     whiten_rewards: bool = False
     kl_estimator: str = "k1"  # "k1" (TRL's default) | "k3"
     constrained_rollouts: bool = False  # sample with the grounding constraint (ConstrainedPPOGeneration)
+    # score = reward model + f1_weight x F1 of the answer against gold (RewardModelWithF1); 0: the paper's
+    f1_weight: float = 0.0
+    f1_reward: str = "items"  # as rl.grpo.f1_reward
+
+    def __post_init__(self) -> None:
+        if self.f1_reward not in F1_REWARDS:
+            raise ValueError(f"rl.ppo.f1_reward must be one of {F1_REWARDS}, not {self.f1_reward!r}")
+        if self.f1_weight < 0:
+            raise ValueError("rl.ppo.f1_weight must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -395,6 +404,55 @@ class ConstrainedPPOGeneration:
         del self.policy.generate
 
 
+class RewardModelWithF1(torch.nn.Module):
+    """PPO's reward with a verifiable term: the reward model's score + ``weight`` x F1 against gold.
+
+    TRL's PPOTrainer reads a reward as ``model.score(backbone(...).hidden_states[-1])`` at the last
+    response token, with ``backbone = getattr(model, model.base_model_prefix)``; this module is such a
+    model. Its backbone call finds, for each row, the RL prompt the (unpadded) ids start with and
+    scores the answer after it (:class:`F1Reward`); its ``score`` adds that to the row's every
+    position, so the term lands on whichever token TRL reads. ``f1`` keeps each row's F1, in order.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(
+        self, reward_model, tokenizer, prompts: Sequence[dict[str, Any]], weight: float, f1: F1Reward
+    ) -> None:
+        super().__init__()
+        self.reward_model, self.tokenizer, self.weight, self.f1_reward = reward_model, tokenizer, weight, f1
+        encode = PairTokenizer(tokenizer)
+        self.prompts = {tuple(encode.prompt_ids(p["prompt"])): p for p in prompts}
+        self.lengths = sorted({len(k) for k in self.prompts}, reverse=True)
+        self.f1: list[float] = []
+        self._bonus: torch.Tensor | None = None
+
+    def _row_f1(self, ids: list[int]) -> float:
+        for length in self.lengths:
+            prompt = self.prompts.get(tuple(ids[:length]))
+            if prompt is not None:
+                break
+        else:
+            raise ValueError("PPO reward: a rollout does not start with one of the RL prompts")
+        answer = ids[length:]
+        if self.tokenizer.eos_token_id in answer:
+            answer = answer[: answer.index(self.tokenizer.eos_token_id)]
+        text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        return self.f1_reward.score(prompt["task"], prompt["text"], text, prompt["gold"])
+
+    def backbone(self, *, input_ids, attention_mask, **kwargs: Any):
+        pairs = zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
+        f1 = [self._row_f1(ids[mask.bool()].tolist()) for ids, mask in pairs]
+        self.f1.extend(f1)
+        self._bonus = self.weight * torch.tensor(f1, device=input_ids.device)
+        inner = getattr(self.reward_model, self.reward_model.base_model_prefix)
+        return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        scores = self.reward_model.score(hidden_states)
+        return scores + self._bonus.to(scores.dtype)[:, None, None]
+
+
 # -------------------------------------------------------------------------------------------- common
 
 
@@ -486,6 +544,10 @@ def train_ppo(
     encode = PairTokenizer(tokenizer)
     dataset = Dataset.from_dict({"input_ids": [encode.prompt_ids(p["prompt"]) for p in prompts]})
     tokenizer.padding_side = "left"  # queries are left-padded; TRL masks the pad token out
+    scored = reward_model
+    if config.ppo.f1_weight > 0:
+        by_part = config.ppo.f1_reward == "parts"
+        scored = RewardModelWithF1(reward_model, tokenizer, prompts, config.ppo.f1_weight, F1Reward(by_part))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ppo-") as scratch:
         args = ppo_config(config, output_dir or scratch, **config_overrides)
@@ -494,7 +556,7 @@ def train_ppo(
             processing_class=tokenizer,
             model=policy,
             ref_model=ref_policy,
-            reward_model=reward_model,
+            reward_model=scored,
             train_dataset=dataset,
             value_model=value_model,
             # Never sampled from (num_sample_generations=0), but PPOTrainer builds a loader on it.
@@ -522,6 +584,11 @@ def train_ppo(
                 "eos_tokens": _pick(entry, "val/num_eos_tokens"),
             }
         )
+    if isinstance(scored, RewardModelWithF1) and rows:  # the verifiable term's share of each update
+        per_update = len(scored.f1) // len(rows)
+        for index, row in enumerate(rows):
+            part = scored.f1[index * per_update : (index + 1) * per_update]
+            row["f1"] = round(sum(part) / len(part), 4) if part else None
     policy.eval()
     _restore_generation(policy, tokenizer)
     return RLResult(policy, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
