@@ -2,7 +2,7 @@
 
 For each variant (dtype of the base weights, LoRA or full fine-tuning, LoRA on the upper layers only,
 padding-free packing instead of length-grouped batches, torch.compile), one process builds TRL's
-``SFTTrainer`` exactly as the ``sft`` stage does (``chatuie.modeling.sft_trainer`` on the samples
+``SFTTrainer`` exactly as the ``sft`` stage does (``chatuie.training.sft_trainer`` on the samples
 the stage selects, params.yaml's ``sft`` section) and measures:
 
 * ``bare``: ``model(**batch).loss.backward()`` + AdamW step over the trainer's own batches (its
@@ -45,13 +45,8 @@ from sft import SFTStageConfig, select_samples  # noqa: E402  (the stage's own s
 from chatuie.allocator import keep_freed_memory  # noqa: E402
 from chatuie.config import build, load_params  # noqa: E402
 from chatuie.io import read_jsonl  # noqa: E402
-from chatuie.modeling import (  # noqa: E402
-    LoraSettings,
-    ModelConfig,
-    fitting_samples,
-    load_model,
-    sft_trainer,
-)
+from chatuie.modeling import LoraSettings, ModelConfig, load_model  # noqa: E402
+from chatuie.training import fitting_samples, sft_trainer  # noqa: E402
 
 ALL_LINEAR = ["all-linear"]
 # name -> (base dtype, LoRA changes (None: full fine-tuning), TeachSettings changes, compile). LoRA

@@ -22,19 +22,9 @@ from _stage import run, section, set_threads
 
 from chatuie.chat import repeat_samples
 from chatuie.io import read_jsonl, write_json
-from chatuie.modeling import (
-    NOTE_FILE,
-    ModelConfig,
-    TeachSettings,
-    chat_texts,
-    claim_checkpoints,
-    file_digest,
-    load_model,
-    packaged_dtype,
-    save_model,
-    teach_to_answer,
-)
+from chatuie.modeling import NOTE_FILE, ModelConfig, chat_texts, load_model, packaged_dtype, save_model
 from chatuie.packaged import convert, packaged_name
+from chatuie.training import TeachSettings, claim_checkpoints, file_digest, teach_to_answer
 
 OUT = Path("models/base")
 

@@ -18,18 +18,10 @@ from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
 from chatuie.io import read_jsonl, write_json
 from chatuie.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
-from chatuie.modeling import (
-    ModelConfig,
-    TeachSettings,
-    claim_checkpoints,
-    file_digest,
-    load_model,
-    merge_lora,
-    save_model,
-    train_sft,
-)
+from chatuie.modeling import ModelConfig, load_model, merge_lora, save_model
 from chatuie.reward import HeldoutSplit, is_heldout
 from chatuie.samples import SamplesConfig
+from chatuie.training import TeachSettings, claim_checkpoints, file_digest, train_sft
 
 
 @dataclass(frozen=True)

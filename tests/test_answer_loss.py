@@ -14,14 +14,8 @@ from test_modeling import CORPUS_EXTRA, SAMPLES, TINY, chat, settings
 from chatuie import answer_loss
 from chatuie.answer_loss import answer_token_loss
 from chatuie.config import ConfigError
-from chatuie.modeling import (
-    build_tiny_model,
-    chat_texts,
-    generate,
-    sft_trainer,
-    teach_to_answer,
-    train_tokenizer,
-)
+from chatuie.modeling import build_tiny_model, chat_texts, generate, train_tokenizer
+from chatuie.training import sft_trainer, teach_to_answer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatuie.modeling import claim_checkpoints, file_digest
+from chatuie.training import claim_checkpoints, file_digest
 
 
 def test_same_identity_resumes_other_identity_does_not(tmp_path: Path) -> None:

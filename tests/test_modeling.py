@@ -21,20 +21,18 @@ from chatuie.modeling import (
     IM_END,
     LoraSettings,
     ModelConfig,
-    TeachSettings,
     TinyModelConfig,
     build_tiny_model,
     chat_texts,
     generate,
     is_peft,
-    last_checkpoint,
     load_model,
     load_saved,
     merge_lora,
     save_model,
-    teach_to_answer,
     train_tokenizer,
 )
+from chatuie.training import TeachSettings, last_checkpoint, teach_to_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "You are ChatUIE, an assistant that answers questions and extracts information."
@@ -267,7 +265,8 @@ def test_packing_mode_trains(tokenizer, tmp_path):
 KILL_SCRIPT = """
 import sys, time
 from transformers import TrainerCallback
-from chatuie.modeling import ModelConfig, TeachSettings, load_model, teach_to_answer
+from chatuie.modeling import ModelConfig, load_model
+from chatuie.training import TeachSettings, teach_to_answer
 
 class HangAfterFirstSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

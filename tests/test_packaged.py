@@ -17,17 +17,9 @@ import torch
 
 from chatuie import packaged, tracking
 from chatuie.constrained import IERequest, constrained_generate
-from chatuie.modeling import (
-    LoraSettings,
-    ModelConfig,
-    TeachSettings,
-    is_peft,
-    load_model,
-    load_saved,
-    save_model,
-    train_sft,
-)
+from chatuie.modeling import LoraSettings, ModelConfig, is_peft, load_model, load_saved, save_model
 from chatuie.records import Schema
+from chatuie.training import TeachSettings, train_sft
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 

@@ -39,16 +39,11 @@ import torch
 from chatuie.chat import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
 from chatuie.judge import JudgeItem, JudgeResult
 from chatuie.launch import per_process_batch
-from chatuie.modeling import (
-    freeze_input_embeddings,
-    load_saved,
-    merge_lora,
-    save_model,
-    trainer_safety_args,
-)
+from chatuie.modeling import load_saved, merge_lora, save_model
 from chatuie.negatives import ConfusionTable, NegativeSettings, make_negatives
 from chatuie.output_format import render
 from chatuie.records import IE_TASKS, Record, Schema
+from chatuie.training import freeze_input_embeddings, trainer_safety_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -34,10 +34,11 @@ import torch
 
 from chatuie.chat import ChatOptions
 from chatuie.judge import JudgeItem, f1_score, flatten_answer, reference_score
-from chatuie.modeling import freeze_input_embeddings, is_peft, trainer_safety_args
+from chatuie.modeling import is_peft
 from chatuie.output_format import ground
 from chatuie.records import Record, Schema
 from chatuie.reward import PairTokenizer, instructions, sample_records, score_sequences
+from chatuie.training import freeze_input_embeddings, trainer_safety_args
 
 log = logging.getLogger(__name__)
 
