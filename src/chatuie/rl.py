@@ -6,7 +6,8 @@
   score added on the last token (``kl_coef`` is the paper's β). Rollouts sample freely, or with
   ``rl.ppo.constrained_rollouts`` under the grounding constraint (:class:`ConstrainedPPOGeneration`:
   TRL's PPO generation takes no logits processor, so the policy's ``generate`` is wrapped).
-  Answers without ``<|im_end|>`` lose ``missing_eos_penalty``.
+  Answers without ``<|im_end|>`` lose ``missing_eos_penalty``; ``rl.ppo.f1_weight`` adds F1
+  against gold to the score (:class:`RewardModelWithF1`).
 * ``grpo`` (beyond the paper): TRL's ``GRPOTrainer`` with three rewards - the reward model, a
   verifiable one (F1 of the answer against gold, :func:`chatuie.judge.reference_score`) and a
   validity one (parses, spans in the text, labels in the schema) - and ``beta = kl_coef``.
