@@ -364,6 +364,27 @@ def test_rerun_of_a_run_finished_mid_epoch_trains_nothing(saved_tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------ LoRA
 
 
+def test_lora_adapters_start_the_same_whatever_the_random_state_and_leave_it_alone(saved_tiny):
+    """The adapter is drawn from model.lora.seed: an unseeded draw made every SFT run another model."""
+    config = ModelConfig(base=str(saved_tiny), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+
+    def adapter(global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        model, _ = load_model(config)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, second = adapter(0), adapter(1)
+    assert first and all(torch.equal(first[n], second[n]) for n in first)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_model(config)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is untouched
+    other = ModelConfig(base=str(saved_tiny), lora=LoraSettings(r=4, alpha=8, dropout=0.0, seed=14))
+    changed = {n: p for n, p in load_model(other)[0].named_parameters() if "lora_A" in n}
+    assert any(not torch.equal(first[n], changed[n]) for n in first)
+
+
 def test_lora_from_local_dir_train_save_reload_merge(saved_tiny, tmp_path):
     config = ModelConfig(base=str(saved_tiny), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     model, tokenizer = load_model(config)

@@ -98,6 +98,9 @@ class LoraSettings:
     # to float32 and back) | base: the base weights' dtype (bfloat16 over a bfloat16 base: no casts;
     # bench/train.py measures both).
     dtype: str = "float32"
+    # The adapters' initial weights are drawn from this seed: the model (and its adapter) exists
+    # before a Trainer seeds anything, and an unseeded draw made every SFT run a different one.
+    seed: int = 13
 
 
 @dataclass
@@ -330,7 +333,9 @@ def _wrap_lora(model, lora: LoraSettings, added_token_ids: Sequence[int] = ()):
     )
     if lora.dtype not in ("float32", "base"):
         raise ValueError(f"model.lora.dtype: expected 'float32' or 'base', got {lora.dtype!r}")
-    model = get_peft_model(model, peft_config, autocast_adapter_dtype=lora.dtype == "float32")
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(lora.seed)
+        model = get_peft_model(model, peft_config, autocast_adapter_dtype=lora.dtype == "float32")
     _expose_head_bias(model)
     return model
 
