@@ -4,6 +4,9 @@
 policy with ``save_model`` (so ``tasks/evaluate.py rl`` works unchanged); metrics/rl_train.json
 has the algorithm, steps, reward at the start and end, KL and seconds.
 
+Checkpoints go to models/checkpoints/rl every ``rl.save_steps`` updates (kept across runs: a killed
+run resumes from the last one; a run with other params, prompts, SFT or reward model starts afresh).
+
 What RL changed over SFT is stage `rl_compare` (tasks/rl_compare.py).
 """
 
@@ -32,10 +35,12 @@ from chatuie.rl import (
     train_ppo,
 )
 from chatuie.samples import SamplesConfig
+from chatuie.training import claim_checkpoints, file_digest
 
 SFT = Path("models/sft")
 RM = Path("models/rm")
 OUT = Path("models/rl")
+CHECKPOINTS = Path("models/checkpoints/rl")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class RLStageConfig:
     ppo: PPOSettings = field(default_factory=PPOSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     freeze_embeddings: bool = False  # policy and value model keep the SFT input embedding
+    save_steps: int = 1  # checkpoint every N PPO updates / GRPO steps (0 = none)
     seed: int = 13
     threads: int = 0
     device: str = "cpu"
@@ -61,6 +67,7 @@ class RLStageConfig:
             ppo=self.ppo,
             grpo=self.grpo,
             freeze_embeddings=self.freeze_embeddings,
+            save_steps=self.save_steps,
             seed=self.seed,
             device=self.device,
         )
@@ -83,15 +90,24 @@ def train() -> None:
     if not fitting:
         raise ConfigError(f"no RL prompt fits rl.max_prompt_length={stage.max_prompt_length}")
     reward_model, _ = load_reward_model(RM)
+    identity = {
+        "rl": stage,
+        "chat": chat,
+        "prompts": [p["id"] for p in fitting],
+        "sft": file_digest(SFT),
+        "rm": file_digest(RM),
+    }
+    resume = claim_checkpoints(CHECKPOINTS, identity)
     try:
         if config.algorithm == "ppo":
             # PPO trains every weight: a LoRA SFT model is merged first (policy and reference alike).
             policy = full_weights(policy)
             ref_policy = merge_lora(load_saved(SFT, dtype="float32")[0])
             value_model, _ = load_reward_model(RM)  # the critic starts from the reward model
-            result = train_ppo(policy, ref_policy, reward_model, value_model, tokenizer, fitting, config)
+            models = (policy, ref_policy, reward_model, value_model, tokenizer)
+            result = train_ppo(*models, fitting, config, CHECKPOINTS, resume=resume)
         else:
-            result = train_grpo(policy, tokenizer, reward_model, fitting, config)
+            result = train_grpo(policy, tokenizer, reward_model, fitting, config, CHECKPOINTS, resume=resume)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     save_model(result.model, tokenizer, OUT)

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from chatuie.judge import flatten_answer
 from chatuie.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
@@ -22,20 +23,16 @@ from chatuie.records import Schema
 from chatuie.reward import PairTokenizer, load_reward_base, load_reward_model, save_reward_model
 from chatuie.rl import (
     ConstrainedPPOGeneration,
-    F1Reward,
     GRPOSettings,
     PPOSettings,
-    RewardModelWithF1,
     RLConfig,
     RLResult,
-    f1_reward,
     rl_prompts,
     summarize,
     train_grpo,
     train_ppo,
-    validity,
-    validity_reward,
 )
+from chatuie.rl_rewards import F1Reward, RewardModelWithF1, f1_reward, validity, validity_reward
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reward import CHAT, IE, build_project, fixture_records  # noqa: E402
@@ -289,6 +286,85 @@ def test_ppo_with_an_f1_term_trains_and_logs_it(project: Path, prompts: list[dic
         PPOSettings(f1_weight=-1.0)
 
 
+class Killed(Exception):
+    """Stands in for a kill right after an update's checkpoint (tests/test_rl.py's stage test kills -9)."""
+
+
+class KillAfter(TrainerCallback):
+    """Raises once update ``update`` is checkpointed: at its step end for PPO (chatuie's checkpoints
+    are written there, before the caller's callbacks run), at its save for GRPO (a Trainer's)."""
+
+    def __init__(self, update: int, event: str = "on_step_end") -> None:
+        self.update, self.event = update, event
+
+    def _kill(self, event: str, state: Any) -> None:
+        if event == self.event and state.global_step == self.update:
+            raise Killed
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._kill("on_step_end", state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._kill("on_save", state)
+
+
+class CountUpdates(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps.append(state.global_step)
+
+
+def test_killed_ppo_resumes_as_if_never_stopped(
+    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    # 12 prompts in batches of 4: 3 updates an epoch. Killed after update 2, the resumed run replays
+    # epoch 1's order for update 3, then update 4 starts epoch 2: both ways on are covered.
+    ppo = tiny_ppo(total_episodes=16, per_device_batch_size=4, response_length=8, f1_weight=1.0)
+    config = RLConfig(kl_coef=0.1, ppo=ppo, save_steps=1)
+    straight = train_ppo(*_ppo_args(project), prompts, config, tmp_path / "straight")
+    assert straight.steps == 4 and straight.resumed_from is None
+    assert [p.name for p in (tmp_path / "straight").glob("checkpoint-*")] == ["checkpoint-4"]  # newest kept
+
+    run_dir = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train_ppo(*_ppo_args(project), prompts, config, run_dir, callbacks=[KillAfter(2)])
+    (run_dir / "checkpoint-3").mkdir()  # a write the kill interrupted: no trainer_state.json
+    counted = CountUpdates()
+    resumed = train_ppo(*_ppo_args(project), prompts, config, run_dir, callbacks=[counted])
+    assert resumed.resumed_from == str(run_dir / "checkpoint-2") and resumed.steps == 4
+    assert counted.steps == [3, 4]  # updates 1-2 were not made again
+    assert [row["step"] for row in resumed.log] == [1, 2, 3, 4]
+    # The same rollouts, rewards, F1 terms and losses, update by update, and the same weights; up to
+    # float noise: two uninterrupted runs in one process differ by ~1e-7 from update 2 on here.
+    for got, want in zip(resumed.log, straight.log, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    worst = largest_difference(resumed.model, straight.model)
+    print(f"resumed vs uninterrupted PPO: largest weight difference {worst:.1e}")
+    assert worst < 1e-5
+
+    # A rerun of the finished run trains nothing and hands back its weights; resume=False starts over.
+    counted = CountUpdates()
+    again = train_ppo(*_ppo_args(project), prompts, config, run_dir, callbacks=[counted])
+    assert counted.steps == []
+    assert again.resumed_from == str(run_dir / "checkpoint-4") and again.log == resumed.log
+    assert largest_difference(again.model, resumed.model) == 0
+    fresh = train_ppo(*_ppo_args(project), prompts, config, run_dir, resume=False, total_episodes=4)
+    assert fresh.resumed_from is None and fresh.steps == 1
+
+
+def largest_difference(a: Any, b: Any) -> float:
+    """The largest absolute difference between two models' weights (same architecture)."""
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
+def _ppo_args(project: Path) -> tuple[Any, ...]:
+    policy, tokenizer, ref, reward_model, value_model = ppo_models(project)
+    return policy, ref, reward_model, value_model, tokenizer
+
+
 def test_ppo_rejects_a_shared_reference(project: Path, prompts: list[dict[str, Any]]) -> None:
     policy, tokenizer = load_saved(project / "models" / "sft", trainable=True)
     with pytest.raises(ValueError, match="separate copy"):
@@ -358,6 +434,42 @@ def test_grpo_on_a_lora_sft_model_keeps_the_sft_adapter_as_reference(
     assert generate(model, tok, [prompts[0]["prompt"]], max_new_tokens=4)
 
 
+def test_killed_grpo_resumes_from_its_last_checkpoint(
+    project: Path, prompts: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    settings = GRPOSettings(
+        max_steps=3, per_device_batch_size=4, num_generations=2, max_completion_length=12, learning_rate=1e-3
+    )
+    config = RLConfig(algorithm="grpo", kl_coef=0.05, grpo=settings, save_steps=1)
+    # The fixture's reward model scores 0 (a zero head), and so every completion of a group alike:
+    # no advantage, nothing learnt. A seeded random head makes the rewards, and the updates, differ.
+    rm, tokenizer = load_reward_model(project / "models" / "rm")
+    with torch.no_grad():
+        rm.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(5))
+    scoring = save_reward_model(rm, tokenizer, tmp_path / "rm")
+
+    def run(out: Path, **kwargs: Any) -> RLResult:
+        policy, tokenizer = load_saved(project / "models" / "sft", trainable=True)
+        reward_model, _ = load_reward_model(scoring)
+        return train_grpo(policy, tokenizer, reward_model, prompts, config, out, **kwargs)
+
+    straight = run(tmp_path / "straight")
+    assert all(row["loss"] != 0 for row in straight.log)  # it learns: the comparison below can fail
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", callbacks=[KillAfter(1, "on_save")])
+    counted = CountUpdates()
+    resumed = run(tmp_path / "killed", callbacks=[counted])
+    assert resumed.resumed_from == str(tmp_path / "killed" / "checkpoint-1") and resumed.steps == 3
+    assert counted.steps == [2, 3]
+    assert [row["step"] for row in resumed.log] == [1, 2, 3]
+    for got, want in zip(resumed.log, straight.log, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    worst = largest_difference(resumed.model, straight.model)
+    assert worst < 1e-5
+    again = run(tmp_path / "killed")  # finished: no training, the last checkpoint's weights
+    assert again.resumed_from == str(tmp_path / "killed" / "checkpoint-3") and again.log == resumed.log
+
+
 def test_grpo_constrained_rollouts_are_always_valid(project: Path, prompts: list[dict[str, Any]]) -> None:
     # Room for the answer skeleton (every schema label is listed) within the token budget.
     result, _ = grpo_run(project, prompts, max_steps=1, constrained_rollouts=True, max_completion_length=48)
@@ -411,3 +523,43 @@ def test_smoke_pipeline_through_rl_compare(smoke_run, tmp_path: Path) -> None:
     run(["dvc", "repro", "--force", "--single-item", "reward_data"], repo, env=env)
     judge = json.loads((repo / "metrics" / "reward_data.json").read_text())["judged"]["judge"]
     assert judge["calls_made"] == 0 and judge["cache_hits"] == judge["items"]
+
+
+@pytest.mark.slow
+def test_rl_stage_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from smoke_pipeline import clone, env, sh
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from flows.pipeline import apply_overrides
+
+    repo = clone(smoke_run.snapshot, tmp_path / "repo")
+    apply_overrides(repo / "params.yaml", {"rl.ppo.total_episodes": 16})  # 4 updates of 4 rollouts
+    checkpoints = repo / "models" / "checkpoints" / "rl"
+    first = checkpoints / "checkpoint-1" / "trainer_state.json"
+    with subprocess.Popen(
+        ["dvc", "repro", "--single-item", "rl"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: dvc and the stage die together, as in a crash
+    ) as dvc:
+        deadline = time.monotonic() + 300
+        while not first.exists():
+            assert dvc.poll() is None, dvc.stdout.read() if dvc.stdout else ""
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        os.killpg(dvc.pid, signal.SIGKILL)
+        output = dvc.stdout.read() if dvc.stdout else ""
+    assert dvc.returncode == -signal.SIGKILL, f"rl finished before the kill:\n{output[-2000:]}"
+
+    sh(["dvc", "repro", "--single-item", "rl"], repo)
+    metrics = json.loads((repo / "metrics" / "rl_train.json").read_text())
+    assert 1 <= metrics["resumed_from_step"] < 4 == metrics["steps"]
+    assert [row["step"] for row in metrics["log"]] == [1, 2, 3, 4]  # the killed run's updates kept
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (repo / "models" / "rl" / "config.json").exists()

@@ -14,7 +14,10 @@
   ``constrained_rollouts`` samples with the grounding constraint through GRPO's ``rollout_func``:
   every rollout is a valid answer, the loss still uses the unconstrained policy's log-probs.
 
-Prompts are the SFT instructions of training records (system + user turns), with their gold.
+Prompts are the SFT instructions of training records (system + user turns), with their gold. The
+rewards are :mod:`chatuie.rl_rewards`. Both trainers checkpoint into ``output_dir`` every
+``save_steps`` and resume a killed run: PPO through :mod:`chatuie.rl_checkpoints`, GRPO (a regular
+Trainer) from its own checkpoints.
 """
 
 from __future__ import annotations
@@ -32,21 +35,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from transformers import TrainerCallback
 
 from chatuie.chat import ChatOptions
-from chatuie.judge import JudgeItem, f1_score, flatten_answer, reference_score
 from chatuie.modeling import is_peft
-from chatuie.output_format import ground
 from chatuie.records import Record, Schema
-from chatuie.reward import PairTokenizer, instructions, sample_records, score_sequences
-from chatuie.training import freeze_input_embeddings, trainer_safety_args
+from chatuie.reward import PairTokenizer, instructions, sample_records
+from chatuie.rl_checkpoints import PPOCheckpoints
+from chatuie.rl_rewards import F1_REWARDS, F1Reward, RewardModelReward, RewardModelWithF1, validity_reward
+from chatuie.training import finished_state, freeze_input_embeddings, resume_point, trainer_safety_args
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("ppo", "grpo")
-F1_REWARDS = ("items", "parts")
-# The parts of each task's answer, as chatuie.judge.flatten_answer names its items' kinds.
-TASK_PARTS = {"ner": ("entity",), "re": ("entity", "relation"), "ee": ("trigger", "argument")}
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -131,10 +132,15 @@ class RLConfig:
     # The input embedding (and a head tied to it) stays as SFT left it, in the policy and the value
     # model: on Gemma it is 170 M of 268 M parameters, ~4 GB of gradients and Adam state for PPO.
     freeze_embeddings: bool = False
+    # Checkpoint every N PPO updates / GRPO steps (and after the last) into the run's output_dir, so
+    # a killed run resumes (0: none). Only the newest checkpoint is kept.
+    save_steps: int = 1
     seed: int = 13
     device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
     def __post_init__(self) -> None:
+        if self.save_steps < 0:
+            raise ValueError("rl.save_steps must be >= 0")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"rl.algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
         if self.kl_coef < 0:
@@ -145,9 +151,10 @@ class RLConfig:
 
 class RLResult(NamedTuple):
     model: Any  # the trained policy (same object as passed in)
-    log: list[dict[str, float]]  # one row per optimizer update: step, reward, kl, ...
+    log: list[dict[str, float]]  # one row per optimizer update: step, reward, kl, ... (resumed ones too)
     steps: int
-    seconds: float
+    seconds: float  # this process's training time
+    resumed_from: str | None = None  # the checkpoint a killed run continued from
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -187,100 +194,7 @@ def prompt_lengths(tokenizer, prompts: Sequence[dict[str, Any]]) -> list[int]:
     return [len(encode.prompt_ids(p["prompt"])) for p in prompts]
 
 
-# ------------------------------------------------------------------------------------------- rewards
-
-
-def _completion_text(completion: Any) -> str:
-    """A GRPO completion: a string, or (conversational) ``[{"role": "assistant", "content": ...}]``."""
-    if isinstance(completion, str):
-        return completion
-    return completion[-1]["content"] if completion else ""
-
-
-class F1Reward:
-    """Verifiable GRPO reward (0-1) of each answer against gold: F1 over its (label, span) items, or
-    (``by_part``) the mean over the task's parts of each part's F1 (a part empty in both counts 1).
-    """
-
-    __name__ = "f1_reward"  # TRL logs rewards under the callable's name
-
-    def __init__(self, by_part: bool = False) -> None:
-        self.by_part = by_part
-
-    def score(self, task: str, text: str, answer: str, gold: str) -> float:
-        if not self.by_part:
-            item = JudgeItem(id="", task=task, text=text, candidate=answer, gold=gold)
-            return reference_score(item)[0] / 10.0
-        try:
-            predicted = flatten_answer(task, answer)
-        except ValueError:  # includes json.JSONDecodeError: an unreadable answer earns nothing
-            return 0.0
-        expected = flatten_answer(task, gold)
-        parts = TASK_PARTS[task]
-        return sum(
-            f1_score({i for i in predicted if i[0] == part}, {i for i in expected if i[0] == part})
-            for part in parts
-        ) / len(parts)
-
-    def __call__(
-        self, completions: list, task: list[str], text: list[str], gold: list[str], **_: Any
-    ) -> list[float]:
-        return [
-            self.score(t, x, _completion_text(c), g)
-            for c, t, x, g in zip(completions, task, text, gold, strict=True)
-        ]
-
-
-f1_reward = F1Reward()
-
-
-def validity(task: str, answer: str, text: str, schema: Schema) -> float:
-    """0 if ``answer`` is not a JSON object; else 0.5 + 0.5 x the share of its parts that ground
-    (spans found in ``text``, labels in ``schema``, well-formed items)."""
-    try:
-        parsed = json.loads(answer)
-        grounded = ground(task, parsed, text, schema)
-    except (ValueError, TypeError, AttributeError):
-        return 0.0
-    kept = len(grounded["entities"]) + len(grounded["relations"]) + len(grounded["events"])
-    kept += sum(len(e.arguments) for e in grounded["events"])
-    dropped = grounded["dropped"]
-    return 0.5 + 0.5 * (kept / (kept + dropped) if kept + dropped else 1.0)
-
-
-def validity_reward(
-    completions: list, task: list[str], text: list[str], schema: list[str], **_: Any
-) -> list[float]:
-    """Validity reward (0-1): parses, spans in the text, labels in the schema."""
-    return [
-        validity(t, _completion_text(c), x, Schema.from_dict(json.loads(s)))
-        for c, t, x, s in zip(completions, task, text, schema, strict=True)
-    ]
-
-
-class RewardModelReward:
-    """GRPO reward function: the reward model's score of ``prompt + completion (+ <|im_end|>)``.
-
-    Tokenized as in reward-model training and in PPO (prompt ids + the completion's own ids), so
-    the score is read on the end-of-turn token; a completion cut at the length limit is scored as is.
-    """
-
-    __name__ = "reward_model"  # TRL logs rewards under the callable's name
-
-    def __init__(self, model, tokenizer, batch_size: int = 16) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.encode = PairTokenizer(tokenizer)
-        self.batch_size = batch_size
-
-    def __call__(
-        self, prompts: list, completions: list, completion_ids: list[list[int]], **_: Any
-    ) -> list[float]:
-        sequences = [
-            self.encode.prompt_ids(prompt) + list(ids)
-            for prompt, ids in zip(prompts, completion_ids, strict=True)
-        ]
-        return score_sequences(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size)
+# -------------------------------------------------------------------------------- rollouts
 
 
 def _generation_stops(model, tokenizer) -> list[int]:
@@ -406,66 +320,37 @@ class ConstrainedPPOGeneration:
         del self.policy.generate
 
 
-class RewardModelWithF1(torch.nn.Module):
-    """PPO's reward with a verifiable term: the reward model's score + ``weight`` x F1 against gold.
-
-    TRL's PPOTrainer reads a reward as ``model.score(backbone(...).hidden_states[-1])`` at the last
-    response token, with ``backbone = getattr(model, model.base_model_prefix)``; this module is such a
-    model. Its backbone call finds, for each row, the RL prompt the (unpadded) ids start with and
-    scores the answer after it (:class:`F1Reward`); its ``score`` adds that to the row's every
-    position, so the term lands on whichever token TRL reads. ``f1`` keeps each row's F1, in order.
-    """
-
-    base_model_prefix = "backbone"
-
-    def __init__(
-        self, reward_model, tokenizer, prompts: Sequence[dict[str, Any]], weight: float, f1: F1Reward
-    ) -> None:
-        super().__init__()
-        self.reward_model, self.tokenizer, self.weight, self.f1_reward = reward_model, tokenizer, weight, f1
-        encode = PairTokenizer(tokenizer)
-        self.prompts = {tuple(encode.prompt_ids(p["prompt"])): p for p in prompts}
-        self.lengths = sorted({len(k) for k in self.prompts}, reverse=True)
-        self.f1: list[float] = []
-        self._bonus: torch.Tensor | None = None
-
-    def _row_f1(self, ids: list[int]) -> float:
-        for length in self.lengths:
-            prompt = self.prompts.get(tuple(ids[:length]))
-            if prompt is not None:
-                break
-        else:
-            raise ValueError("PPO reward: a rollout does not start with one of the RL prompts")
-        answer = ids[length:]
-        if self.tokenizer.eos_token_id in answer:
-            answer = answer[: answer.index(self.tokenizer.eos_token_id)]
-        text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
-        return self.f1_reward.score(prompt["task"], prompt["text"], text, prompt["gold"])
-
-    def backbone(self, *, input_ids, attention_mask, **kwargs: Any):
-        pairs = zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
-        f1 = [self._row_f1(ids[mask.bool()].tolist()) for ids, mask in pairs]
-        self.f1.extend(f1)
-        self._bonus = self.weight * torch.tensor(f1, device=input_ids.device)
-        inner = getattr(self.reward_model, self.reward_model.base_model_prefix)
-        return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        scores = self.reward_model.score(hidden_states)
-        return scores + self._bonus.to(scores.dtype)[:, None, None]
-
-
 # -------------------------------------------------------------------------------------------- common
 
 
 def _trainer_args(config: RLConfig, output_dir: str | Path) -> dict[str, Any]:
-    """TrainingArguments shared by both trainers: CPU-safe, no checkpoints, no trackers."""
+    """TrainingArguments shared by both trainers: CPU-safe, no Trainer checkpoints, no trackers."""
     return {
         "output_dir": str(output_dir),
         "logging_steps": config.logging_steps,
         "save_strategy": "no",
         **trainer_safety_args(config.device, config.seed),
     }
+
+
+def _checkpoints(config: RLConfig, output_dir: str | Path | None, resume: bool) -> tuple[bool, Path | None]:
+    """Whether this run checkpoints (into ``output_dir``), and the checkpoint it resumes from."""
+    if output_dir is None or config.save_steps == 0:
+        return False, None
+    return True, resume_point(output_dir, resume)
+
+
+class _F1Log(TrainerCallback):
+    """Puts each update's mean F1 term (:class:`RewardModelWithF1`) on that update's log entry, so
+    it is in the trainer state a checkpoint keeps."""
+
+    def __init__(self, scored: RewardModelWithF1) -> None:
+        self.scored, self.seen = scored, 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        part, self.seen = self.scored.f1[self.seen :], len(self.scored.f1)
+        if part and state.log_history:
+            state.log_history[-1]["objective/f1"] = sum(part) / len(part)
 
 
 def _pick(entry: dict[str, Any], *names: str) -> float | None:
@@ -525,9 +410,18 @@ def train_ppo(
     prompts: Sequence[dict[str, Any]],
     config: RLConfig,
     output_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
     **config_overrides: Any,
 ) -> RLResult:
-    """PPO with TRL 1.12's experimental ``PPOTrainer``; returns the trained policy and the log."""
+    """PPO with TRL 1.12's experimental ``PPOTrainer``; returns the trained policy and the log.
+
+    With ``output_dir`` (and ``config.save_steps``), the run is checkpointed there at update boundaries
+    and, if it holds a complete checkpoint (and ``resume``), continues from the newest one as the
+    uninterrupted run would have (:mod:`chatuie.rl_checkpoints`); ``resume=False`` starts afresh.
+    The policy, reference and value model passed in must be as the run started (SFT / reward model).
+    """
     _experimental_ok()
     from datasets import Dataset
     from trl.experimental.ppo import PPOTrainer
@@ -547,9 +441,15 @@ def train_ppo(
     dataset = Dataset.from_dict({"input_ids": [encode.prompt_ids(p["prompt"]) for p in prompts]})
     tokenizer.padding_side = "left"  # queries are left-padded; TRL masks the pad token out
     scored = reward_model
+    ours: list[TrainerCallback] = []
     if config.ppo.f1_weight > 0:
         by_part = config.ppo.f1_reward == "parts"
         scored = RewardModelWithF1(reward_model, tokenizer, prompts, config.ppo.f1_weight, F1Reward(by_part))
+        ours.append(_F1Log(scored))
+    saving, checkpoint = _checkpoints(config, output_dir, resume)
+    checkpoints = PPOCheckpoints(output_dir, config.save_steps, checkpoint) if saving else None
+    if checkpoints is not None:
+        ours.append(checkpoints)  # after _F1Log (the update's log entry is complete when saved)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ppo-") as scratch:
         args = ppo_config(config, output_dir or scratch, **config_overrides)
@@ -563,7 +463,10 @@ def train_ppo(
             value_model=value_model,
             # Never sampled from (num_sample_generations=0), but PPOTrainer builds a loader on it.
             eval_dataset=dataset.select(range(min(len(dataset), batch))),
+            callbacks=[*ours, *callbacks],  # the caller's see each update saved
         )
+        if checkpoints is not None:
+            checkpoints.bind(trainer)
         constrained = None
         if config.ppo.constrained_rollouts:
             constrained = ConstrainedPPOGeneration(policy, tokenizer, prompts, config.ppo.response_length)
@@ -586,14 +489,14 @@ def train_ppo(
                 "eos_tokens": _pick(entry, "val/num_eos_tokens"),
             }
         )
-    if isinstance(scored, RewardModelWithF1) and rows:  # the verifiable term's share of each update
-        per_update = len(scored.f1) // len(rows)
-        for index, row in enumerate(rows):
-            part = scored.f1[index * per_update : (index + 1) * per_update]
-            row["f1"] = round(sum(part) / len(part), 4) if part else None
+        if isinstance(scored, RewardModelWithF1):  # the verifiable term's share of the update
+            f1 = _pick(entry, "objective/f1")
+            rows[-1]["f1"] = round(f1, 4) if f1 is not None else None
     policy.eval()
     _restore_generation(policy, tokenizer)
-    return RLResult(policy, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
+    seconds = round(time.monotonic() - started, 1)
+    resumed_from = str(checkpoint) if checkpoint else None
+    return RLResult(policy, rows, trainer.state.global_step, seconds, resumed_from)
 
 
 def _restore_generation(model, tokenizer) -> None:
@@ -643,12 +546,17 @@ def train_grpo(
     prompts: Sequence[dict[str, Any]],
     config: RLConfig,
     output_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
     **config_overrides: Any,
 ) -> RLResult:
     """GRPO with the reward model, F1 against gold and validity as rewards; β = ``config.kl_coef``.
 
     The reference model (``kl_coef > 0``) is reloaded by TRL from ``policy.config._name_or_path``,
-    i.e. the SFT directory the policy was loaded from.
+    i.e. the SFT directory the policy was loaded from. With ``output_dir`` (and
+    ``config.save_steps``) Trainer checkpoints go there and a killed run resumes from the newest one
+    (weights, optimizer, scheduler, random state, data position), as SFT does.
     """
     from datasets import Dataset
     from trl import GRPOTrainer
@@ -669,6 +577,10 @@ def train_grpo(
     if config.freeze_embeddings:
         freeze_input_embeddings(policy)
     tokenizer.padding_side = "left"
+    saving, checkpoint = _checkpoints(config, output_dir, resume)
+    if saving:
+        saves = {"save_strategy": "steps", "save_steps": config.save_steps, "save_total_limit": 1}
+        config_overrides = {**saves, **config_overrides}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="grpo-") as scratch:
         args = grpo_config(config, output_dir or scratch, **config_overrides)
@@ -683,10 +595,17 @@ def train_grpo(
             train_dataset=dataset,
             processing_class=tokenizer,
             rollout_func=rollout,
+            callbacks=list(callbacks),
         )
-        trainer.train()
+        finished = finished_state(checkpoint, s.max_steps)
+        if finished is not None:  # killed after its last checkpoint: hand back that run's weights
+            trainer._load_from_checkpoint(str(checkpoint))
+            log_history, global_step = finished["log_history"], int(finished["global_step"])
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            log_history, global_step = trainer.state.log_history, trainer.state.global_step
     rows = []
-    for entry in trainer.state.log_history:
+    for entry in log_history:
         if "reward" not in entry or "step" not in entry:
             continue
         rows.append(
@@ -708,7 +627,8 @@ def train_grpo(
         model.delete_adapter("ref")
     model.eval()
     _restore_generation(model, tokenizer)
-    return RLResult(model, rows, trainer.state.global_step, round(time.monotonic() - started, 1))
+    seconds = round(time.monotonic() - started, 1)
+    return RLResult(model, rows, global_step, seconds, str(checkpoint) if checkpoint else None)
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -728,6 +648,7 @@ def summarize(result: RLResult, config: RLConfig) -> dict[str, Any]:
         "algorithm": config.algorithm,
         "kl_coef": config.kl_coef,
         "steps": result.steps,
+        "resumed_from_step": int(result.resumed_from.rsplit("-", 1)[1]) if result.resumed_from else 0,
         "reward_start": mean(rewards[:window]),
         "reward_end": mean(rewards[-window:]),
         "reward_first": mean(rewards[:1]),

@@ -119,7 +119,19 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def _finished_state(checkpoint: Path | None, max_steps: int) -> dict[str, Any] | None:
+def resume_point(output_dir: str | Path, resume: bool) -> Path | None:
+    """The checkpoint a run in ``output_dir`` continues from: the newest complete one (``resume``) or
+    none. Checkpoint folders newer than it (interrupted writes) are removed; all of them when not
+    ``resume`` (a fresh run)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = last_checkpoint(out) if resume else None
+    if is_main_process():  # data-parallel: rank 0 alone removes folders (chatuie.launch)
+        _drop_incomplete_after(out, checkpoint)
+    return checkpoint
+
+
+def finished_state(checkpoint: Path | None, max_steps: int) -> dict[str, Any] | None:
     """``checkpoint``'s trainer state if that run already reached ``max_steps``, else None."""
     if checkpoint is None or max_steps <= 0:
         return None
@@ -304,10 +316,7 @@ def train_chat(
     if not samples:
         raise ValueError("no training samples")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = last_checkpoint(out) if resume else None
-    if is_main_process():  # data-parallel: rank 0 alone removes folders (chatuie.launch)
-        _drop_incomplete_after(out, checkpoint)
+    checkpoint = resume_point(out, resume)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     fitting = fitting_samples(samples, tokenizer, settings.max_length)
@@ -333,7 +342,7 @@ def train_chat(
         callbacks=callbacks,
         **config_overrides,
     )
-    finished = _finished_state(checkpoint, settings.max_steps)
+    finished = finished_state(checkpoint, settings.max_steps)
     try:
         if finished is not None:
             # The run is complete: hand back its weights. (transformers' resume at the last step of
