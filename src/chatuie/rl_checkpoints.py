@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class PPOCheckpoints(TrainerCallback):
             self.save(state)
 
     def save(self, state: Any) -> Path:
+        started = time.monotonic()
         path = self.output_dir / f"checkpoint-{state.global_step}"
         if path.exists():
             shutil.rmtree(path)
@@ -170,4 +172,6 @@ class PPOCheckpoints(TrainerCallback):
             suffix = older.name[len("checkpoint-") :]
             if older.is_dir() and suffix.isdigit() and int(suffix) < state.global_step:
                 shutil.rmtree(older)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        log.info("saved %s: %.2f GB in %.1f s", path, size / 1e9, time.monotonic() - started)
         return path
