@@ -103,9 +103,8 @@ class PPOCheckpoints(TrainerCallback):
         self.loader = ResumableLoader(trainer.dataloader)
         trainer.dataloader = self.loader
         if self.resume_from is not None:
-            done = int(
-                json.loads((self.resume_from / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
-            )
+            self.saved_state = json.loads((self.resume_from / TRAINER_STATE).read_text(encoding="utf-8"))
+            done = int(self.saved_state["global_step"])
             self.total_updates = trainer.args.num_total_batches
             if done > self.total_updates:
                 raise ValueError(
@@ -124,8 +123,7 @@ class PPOCheckpoints(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.resume_from is None:
             return
-        path = self.resume_from
-        saved = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        path, saved = self.resume_from, self.saved_state
         weights = load_file(str(path / WEIGHTS))
         trainable = self._trainable()
         if set(weights) != set(trainable):
