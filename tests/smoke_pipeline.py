@@ -10,8 +10,11 @@ change copies of ``Smoke.snapshot``, the repo (store included) as that run left 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,33 @@ def env(**extra: str) -> dict[str, str]:
 
 def sh(args: list[str], cwd: Path, environ: dict[str, str] | None = None, timeout: int = 900) -> str:
     return run(args, cwd, environ or env(), timeout).stdout
+
+
+@contextmanager
+def stage_running_until(
+    repo: Path, stage: str, file: Path, *, own_group: bool = False, timeout: float = 300
+) -> Iterator[subprocess.Popen]:
+    """Start ``dvc repro --single-item stage`` in ``repo``; yield the process once ``file`` exists.
+
+    Fails if the stage ends first or ``file`` does not appear within ``timeout`` seconds. The caller
+    kills what it means to kill (``own_group``: dvc and the stage in a process group of their own, to
+    be killed together as in a crash); on leaving, the process is waited for.
+    """
+    with subprocess.Popen(
+        ["dvc", "repro", "--single-item", stage],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=own_group,
+    ) as dvc:
+        deadline = time.monotonic() + timeout
+        while not file.exists():
+            assert dvc.poll() is None, dvc.stdout.read() if dvc.stdout else ""
+            assert time.monotonic() < deadline, f"no {file.name} within {timeout} s"
+            time.sleep(0.02)
+        yield dvc
 
 
 def commit(repo: Path, message: str) -> str:

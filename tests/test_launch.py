@@ -10,13 +10,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from smoke_pipeline import clone, env, sh
+from smoke_pipeline import clone, sh, stage_running_until
 
 from chatuie import tracking
 from chatuie.config import ConfigError, build, load_params
@@ -192,20 +191,8 @@ def test_two_processes_over_gloo_match_one_and_resume_after_a_kill(smoke_run, tm
     shutil.rmtree(checkpoints)  # the 1-process run's (other params: the new run would drop them)
     steps = yaml.safe_load((one / "params.yaml").read_text())["sft"]["train"]
     started = time.monotonic()
-    with subprocess.Popen(
-        ["dvc", "repro", "--single-item", "sft"],
-        cwd=repo,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as dvc:
-        first = checkpoints / f"checkpoint-{steps['save_steps']}" / "trainer_state.json"
-        deadline = time.monotonic() + 300
-        while not first.exists():
-            assert dvc.poll() is None, dvc.stdout.read() if dvc.stdout else ""
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.05)
+    first = checkpoints / f"checkpoint-{steps['save_steps']}" / "trainer_state.json"
+    with stage_running_until(repo, "sft", first) as dvc:
         processes = _stage_processes(repo, "tasks/sft.py")
         (launcher,) = [pid for pid, environ in processes.items() if "CHATUIE_LAUNCHED" not in environ]
         workers = [pid for pid, environ in processes.items() if "LOCAL_RANK" in environ]

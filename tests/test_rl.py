@@ -528,9 +528,8 @@ def test_smoke_pipeline_through_rl_compare(smoke_run, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_rl_stage_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path: Path) -> None:
     import signal
-    import subprocess
 
-    from smoke_pipeline import clone, env, sh
+    from smoke_pipeline import clone, sh, stage_running_until
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from flows.pipeline import apply_overrides
@@ -539,20 +538,7 @@ def test_rl_stage_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path
     apply_overrides(repo / "params.yaml", {"rl.ppo.total_episodes": 16})  # 4 updates of 4 rollouts
     checkpoints = repo / "models" / "checkpoints" / "rl"
     first = checkpoints / "checkpoint-1" / "trainer_state.json"
-    with subprocess.Popen(
-        ["dvc", "repro", "--single-item", "rl"],
-        cwd=repo,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: dvc and the stage die together, as in a crash
-    ) as dvc:
-        deadline = time.monotonic() + 300
-        while not first.exists():
-            assert dvc.poll() is None, dvc.stdout.read() if dvc.stdout else ""
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.02)
+    with stage_running_until(repo, "rl", first, own_group=True) as dvc:  # dvc and the stage die together
         os.killpg(dvc.pid, signal.SIGKILL)
         output = dvc.stdout.read() if dvc.stdout else ""
     assert dvc.returncode == -signal.SIGKILL, f"rl finished before the kill:\n{output[-2000:]}"
