@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 from chatuie.allocator import keep_freed_memory
 from chatuie.config import ConfigError, build, load_params
 from chatuie.packaged import PackagedModelError
+from chatuie.precision import lineage
 from chatuie.records import ConversionError
-from chatuie.tracking import PlotFile, StageInfo, TrackingError, stage_run, tracking_enabled
+from chatuie.tracking import PlotFile, StageInfo, TrackingError, log_run_params, stage_run, tracking_enabled
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,15 @@ def run(
     except (ConversionError, ConfigError, TrackingError, PackagedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def record_precision(setting: str, requested: str | bool, resolved: str | bool) -> dict[str, str]:
+    """Say what a dtype setting resolved to on this machine: in the stage's log, as an MLflow param
+    (``resolved.<setting>``), and as the returned block for the stage's metrics file."""
+    info = lineage(requested, resolved)
+    log.info("%s: %s -> %s on %s", setting, info["requested"], info["resolved"], info["device"])
+    log_run_params({f"resolved.{setting}": info["resolved"], "resolved.device": info["device"]})
+    return info
 
 
 def set_threads(threads: int) -> None:

@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _stage import run, section, set_threads
+from _stage import record_precision, run, section, set_threads
 
 from chatuie.chat import repeat_samples
 from chatuie.io import read_jsonl, write_json
 from chatuie.modeling import NOTE_FILE, ModelConfig, chat_texts, load_model, packaged_dtype, save_model
 from chatuie.packaged import convert, packaged_name
+from chatuie.precision import resolve_dtype
 from chatuie.training import TeachSettings, claim_checkpoints, file_digest, teach_to_answer
 
 OUT = Path("models/base")
@@ -46,6 +47,9 @@ def main() -> None:
     started = time.monotonic()
     samples = list(read_jsonl(Path("data/samples/train.jsonl")))
     metrics: dict = {"base": model_config.base}
+    dtype = resolve_dtype(model_config.dtype, where="params.yaml: model.dtype")
+    metrics["precision"] = record_precision("model.dtype", model_config.dtype, dtype)
+    model_config = dataclasses.replace(model_config, dtype=dtype)
     if model_config.base == "tiny":
         model, tokenizer = load_model(model_config, texts=chat_texts(samples))
         qa = [s for s in samples if s["dataset"] in config.qa_datasets]

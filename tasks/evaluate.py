@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from _stage import run, section, set_threads
+from _stage import record_precision, run, section, set_threads
 
 from chatuie.chat import ChatOptions
 from chatuie.config import ConfigError
@@ -27,6 +27,7 @@ from chatuie.evaluation import (
 )
 from chatuie.io import atomic_open, write_json, write_jsonl
 from chatuie.modeling import load_saved, merge_lora
+from chatuie.precision import resolve_dtype
 from chatuie.prepare import load_records
 from chatuie.samples import SamplesConfig
 
@@ -71,7 +72,11 @@ def main() -> None:
     config = section("evaluate", EvaluateStageConfig)
     chat: ChatOptions = section("samples", SamplesConfig).chat
     set_threads(config.threads)
-    settings = config.settings
+    # auto decodes in this machine's fast dtype; the resolved name goes into the protocol digest,
+    # so metrics decoded in bfloat16 and in float32 are never compared as one protocol.
+    dtype = resolve_dtype(config.settings.dtype, where="params.yaml: evaluate.settings.dtype")
+    precision = record_precision("evaluate.settings.dtype", config.settings.dtype, dtype)
+    settings = replace(config.settings, dtype=dtype)
     modes = config.modes_for(name)
     started = time.monotonic()
     # A LoRA adapter is folded into its base: one matmul per layer instead of three at every step.
@@ -116,6 +121,7 @@ def main() -> None:
         for mode in modes:
             metrics["summary"][f"zero_shot_f1_{dataset}_{mode}"] = metrics["zero_shot"][dataset][mode]["f1"]
     metrics["seconds"] = round(time.monotonic() - started, 1)
+    metrics["precision"] = precision
     with atomic_open(out_dir / "per_label.csv") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(label_rows[0]))
         writer.writeheader()

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _stage import run, section, set_threads
+from _stage import record_precision, run, section, set_threads
 
 from chatuie.config import ConfigError, build, load_params
 from chatuie.io import write_json, write_jsonl
@@ -127,8 +127,12 @@ def main() -> None:
         metrics["judged"].update(records=records_used, prompts=len(jobs))
         if jobs:
             from chatuie.modeling import load_saved
+            from chatuie.precision import resolve_dtype
 
-            model, tokenizer = load_saved(Path("models/sft"))
+            # Sampled in this machine's fast dtype, whatever the SFT weights were saved in.
+            dtype = resolve_dtype("auto")
+            metrics["judged"]["precision"] = record_precision("reward_data.dtype", "auto", dtype)
+            model, tokenizer = load_saved(Path("models/sft"), dtype=dtype)
             answers = sample_answers(model, tokenizer, jobs, config.judged)
             items = judge_items(jobs, answers)
             with Judge(judge_config) as judge:

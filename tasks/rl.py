@@ -35,7 +35,7 @@ from chatuie.rl import (
     train_ppo,
 )
 from chatuie.samples import SamplesConfig
-from chatuie.training import claim_checkpoints, file_digest
+from chatuie.training import TrainingProgress, claim_checkpoints, file_digest
 
 SFT = Path("models/sft")
 RM = Path("models/rm")
@@ -105,9 +105,12 @@ def train() -> None:
             ref_policy = merge_lora(load_saved(SFT, dtype="float32")[0])
             value_model, _ = load_reward_model(RM)  # the critic starts from the reward model
             models = (policy, ref_policy, reward_model, value_model, tokenizer)
-            result = train_ppo(*models, fitting, config, CHECKPOINTS, resume=resume)
+            progress = [TrainingProgress("rl", unit="update")]
+            result = train_ppo(*models, fitting, config, CHECKPOINTS, resume=resume, callbacks=progress)
         else:
-            result = train_grpo(policy, tokenizer, reward_model, fitting, config, CHECKPOINTS, resume=resume)
+            progress = [TrainingProgress("rl")]
+            models = (policy, tokenizer, reward_model)
+            result = train_grpo(*models, fitting, config, CHECKPOINTS, resume=resume, callbacks=progress)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     save_model(result.model, tokenizer, OUT)

@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _stage import run, section, set_threads
+from _stage import record_precision, run, section, set_threads
 
 from chatuie.config import ConfigError
 from chatuie.io import atomic_open, read_jsonl, write_json
 from chatuie.launch import LaunchSettings, is_main_process, relaunch
+from chatuie.precision import resolve_autocast
 from chatuie.reward import (
     RewardTrainSettings,
     load_reward_base,
@@ -47,6 +48,8 @@ def main() -> None:
         return
     settings = config.train
     started = time.monotonic()
+    autocast = resolve_autocast(settings.bf16, where="params.yaml: rm.train.bf16")
+    precision = record_precision("rm.train.bf16", settings.bf16, autocast)
     pairs = list(read_jsonl(Path("data/reward/pairs.jsonl")))
     train = [p for p in pairs if p["split"] == "train"]
     held = [p for p in pairs if p["split"] == "eval"]
@@ -91,6 +94,7 @@ def main() -> None:
         "train_accuracy": train_accuracy,
         "eval": after,
         "seconds": round(time.monotonic() - started, 1),
+        "precision": precision,
     }
     write_json(Path("metrics/rm.json"), metrics)
     print({k: metrics[k] for k in ("pairs", "steps", "accuracy", "accuracy_before", "train_accuracy")})

@@ -6,12 +6,13 @@ one); the final model to models/sft/, the loss curve to metrics/train/sft_loss.c
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _stage import run, section, set_threads
+from _stage import record_precision, run, section, set_threads
 from base import write_loss_curve
 
 from chatuie.chat import save_prompt_options
@@ -19,6 +20,7 @@ from chatuie.config import ConfigError
 from chatuie.io import read_jsonl, write_json
 from chatuie.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
 from chatuie.modeling import ModelConfig, load_model, merge_lora, save_model
+from chatuie.precision import resolve_dtype
 from chatuie.reward import HeldoutSplit, is_heldout
 from chatuie.samples import SamplesConfig
 from chatuie.training import TeachSettings, claim_checkpoints, file_digest, train_sft
@@ -78,6 +80,9 @@ def main() -> None:
     if relaunch(config.launch, batch=batch):  # processes > 1: the workers trained, rank 0 wrote outputs
         return
     started = time.monotonic()
+    dtype = resolve_dtype(model_config.dtype, where="params.yaml: model.dtype")
+    precision = record_precision("model.dtype", model_config.dtype, dtype)
+    model_config = dataclasses.replace(model_config, dtype=dtype)
     samples = select_samples(list(read_jsonl(Path("data/samples/train.jsonl"))), config)
     # LoRA (if configured) wraps the saved base; the tiny default trains all weights.
     model, tokenizer = load_model(model_config, "models/base")
@@ -106,6 +111,8 @@ def main() -> None:
         "resumed_from_step": int(result.resumed_from.rsplit("-", 1)[1]) if result.resumed_from else 0,
         "final_loss": result.loss_log[-1]["loss"] if result.loss_log else None,
         "seconds": round(time.monotonic() - started, 1),
+        "seconds_per_step": result.seconds_per_step,
+        "precision": precision,
     }
     write_json(Path("metrics/train/sft.json"), metrics)
     print(metrics)

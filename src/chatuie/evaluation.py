@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from chatuie.chat import (
     ChatOptions,
@@ -31,6 +30,7 @@ from chatuie.chat import (
 )
 from chatuie.metrics import HEADLINE, IEScorer, char_rouge1_f1, exact_match
 from chatuie.output_format import ground
+from chatuie.progress import track
 from chatuie.records import Record, Schema
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,12 @@ def _length_order(tokenizer, prompts: list[str]) -> list[int]:
         return []
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     return sorted(range(len(prompts)), key=lambda i: -lengths[i])
+
+
+def _starts(count: int, size: int, desc: str, unit: str = "record") -> Iterator[int]:
+    """Batch starts over ``count`` items, with progress counted in items (rate and ETA)."""
+    weight = lambda start: min(size, count - start)  # noqa: E731
+    return track(range(0, count, size), f"evaluate {desc}", total=count, unit=unit, weight=weight)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -193,9 +199,7 @@ def evaluate_ie(
             for r, s in by_length
         ]
         answers = []
-        for start in tqdm(
-            range(0, len(prompts), settings.batch_size), desc=f"{records[0].dataset} constrained"
-        ):
+        for start in _starts(len(prompts), settings.batch_size, f"{records[0].dataset} constrained"):
             answers.extend(
                 constrained_generate(
                     model,
@@ -209,7 +213,7 @@ def evaluate_ie(
             )
     else:
         answers = []
-        for start in tqdm(range(0, len(prompts), settings.batch_size), desc=f"{records[0].dataset} free"):
+        for start in _starts(len(prompts), settings.batch_size, f"{records[0].dataset} free"):
             answers.extend(
                 generate_free(
                     model,
@@ -302,7 +306,8 @@ def evaluate_webqa(
     """(metrics, one row per question: its answer and scores, what paired comparisons resample)."""
     prompts = [_prompt(tokenizer, qa_user_prompt(r), chat) for r in records]
     answers = []
-    for batch in tqdm(list(_batches(prompts, settings.batch_size)), desc="webqa"):
+    for start in _starts(len(prompts), settings.batch_size, "webqa", unit="question"):
+        batch = prompts[start : start + settings.batch_size]
         answers.extend(
             generate_free(model, tokenizer, batch, settings.webqa_max_new_tokens, settings.batch_size)
         )
@@ -338,7 +343,7 @@ def evaluate_ceval(
     total: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     prompts = [_prompt(tokenizer, mcq_user_prompt(r), chat) for r in records]
-    for start in tqdm(range(0, len(records), settings.batch_size), desc="ceval"):
+    for start in _starts(len(records), settings.batch_size, "ceval", unit="question"):
         batch = prompts[start : start + settings.batch_size]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
         # Only the last position's logits: the whole sequence's would be batch x length x vocab.

@@ -43,6 +43,8 @@ from chatuie.chat import (
     prompt_options_for,
 )
 from chatuie.output_format import ground
+from chatuie.precision import resolve_dtype
+from chatuie.progress import Progress, track
 from chatuie.records import Record, Schema
 
 log = logging.getLogger(__name__)
@@ -551,11 +553,23 @@ class Extractor:
                 jobs.extend(_Job(index, window.start, task, piece, sub) for task, sub in instructions)
         prompts = [self.prompt(job.task, job.text, job.schema) for job in jobs]
         order = sorted(range(len(jobs)), key=lambda i: len(prompts[i]))
-        answers_sorted = self.generate_answers(
-            [prompts[i] for i in order],
-            [IERequest(task=jobs[i].task, text=jobs[i].text, schema=jobs[i].schema) for i in order],
-            batch_size or self.settings.batch_size,
-        )
+        size = batch_size or self.settings.batch_size
+        sorted_prompts = [prompts[i] for i in order]
+        requests = [IERequest(task=jobs[i].task, text=jobs[i].text, schema=jobs[i].schema) for i in order]
+        if len(jobs) <= size:
+            answers_sorted = self.generate_answers(sorted_prompts, requests, size)
+        else:  # several batches (a long text's windows): decoded batch by batch, with progress
+            answers_sorted = []
+            for start in track(
+                range(0, len(jobs), size),
+                "extract: windows",
+                total=len(jobs),
+                unit="window",
+                weight=lambda s: min(size, len(jobs) - s),
+            ):
+                answers_sorted += self.generate_answers(
+                    sorted_prompts[start : start + size], requests[start : start + size], size
+                )
         answers = [""] * len(jobs)
         for i, answer in zip(order, answers_sorted, strict=True):
             answers[i] = answer
@@ -578,8 +592,9 @@ class Extractor:
         return results
 
 
-def load_model_ref(ref: str) -> tuple[Any, Any, str]:
-    """(model, tokenizer, name) from a saved model directory or an MLflow ``models:/`` URI."""
+def load_model_ref(ref: str, dtype: str = "auto") -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) from a saved model directory or an MLflow ``models:/`` URI, in
+    ``dtype`` (auto: this machine's fast one, chatuie.precision, whatever it was saved in)."""
     from chatuie.modeling import load_saved
 
     if ref.startswith("models:/"):
@@ -602,7 +617,7 @@ def load_model_ref(ref: str) -> tuple[Any, Any, str]:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ExtractError(f"{ref}: not a saved model (no config.json / adapter_config.json)")
         name = path.resolve().name
-    return (*load_saved(path), name)
+    return (*load_saved(path, dtype=resolve_dtype(dtype, where="--dtype")), name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,8 +730,6 @@ def extract_file(
     Inputs are validated before anything is written. An existing output resumes the job: its
     ids are skipped. Documents are decoded ``chunk_docs`` at a time (default: the batch size).
     """
-    from tqdm.auto import tqdm
-
     items = read_inputs(in_path)
     out = Path(out_path)
     if overwrite and out.exists():
@@ -727,7 +740,7 @@ def extract_file(
     written = 0
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(items), initial=len(done), unit="doc", desc="extract", disable=not progress)
+        bar = Progress("extract", len(items), unit="doc", initial=len(done), mode=None if progress else "off")
         try:
             with open(out, "a", encoding="utf-8", newline="\n") as handle:
                 for start in range(0, len(todo), chunk):

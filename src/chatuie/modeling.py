@@ -33,6 +33,7 @@ from chatuie.packaged import (
     packaged_name,
     read_pin,
 )
+from chatuie.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ class ModelConfig:
     # "tiny" (embedded, built locally), a packaged model ("gemma3-270m", chatuie.packaged), a hub id,
     # or a local directory
     base: str = "tiny"
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    # auto | float32 | bfloat16 | float16. auto: bfloat16 where this machine computes it natively,
+    # else float32 (chatuie.precision; params.yaml's default). float32 here: the same numbers anywhere.
+    dtype: str = "float32"
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # hub/local models; None = transformers' default (sdpa)
     lora: LoraSettings | None = None
@@ -221,12 +224,9 @@ def build_tiny_model(config: TinyModelConfig, tokenizer):
     return model
 
 
-def _dtype(name: str):
-    if name == "auto":
-        return "auto"
-    if name not in _DTYPES:
-        raise ValueError(f"model.dtype: unknown {name!r} (known: auto, {', '.join(_DTYPES)})")
-    return _DTYPES[name]
+def _dtype(name: str, where: str = "model.dtype"):
+    """The torch dtype for a dtype setting; ``auto`` is this machine's fast one (chatuie.precision)."""
+    return _DTYPES[resolve_dtype(name, where=where)]
 
 
 def _ensure_chat_ready(model, tokenizer) -> list[int]:
@@ -384,8 +384,9 @@ def load_model(config: ModelConfig, path_or_id: str | None = None, *, texts: Ite
 
 
 def packaged_dtype(name: str) -> str:
-    """The dtype a packaged model is converted in: what ``model.dtype`` asks, bfloat16 for auto."""
-    return "float32" if name == "float32" else "bfloat16"
+    """The dtype a packaged model is converted in: ``model.dtype`` as resolved here (float16 asks
+    for bfloat16 weights, cast on load)."""
+    return "float32" if resolve_dtype(name, where="model.dtype") == "float32" else "bfloat16"
 
 
 def is_peft(model) -> bool:

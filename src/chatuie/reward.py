@@ -42,8 +42,10 @@ from chatuie.launch import per_process_batch
 from chatuie.modeling import load_saved, merge_lora, save_model
 from chatuie.negatives import ConfusionTable, NegativeSettings, make_negatives
 from chatuie.output_format import render
+from chatuie.precision import resolve_autocast
+from chatuie.progress import Progress
 from chatuie.records import IE_TASKS, Record, Schema
-from chatuie.training import freeze_input_embeddings, trainer_safety_args
+from chatuie.training import TrainingProgress, freeze_input_embeddings, trainer_safety_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -231,19 +233,24 @@ def sample_answers(
         request = IERequest(task=inst.record.task, text=inst.record.text, schema=inst.schema)
         prompts.extend([prompt] * k)
         requests.extend([request] * k)
-    with torch.random.fork_rng(devices=[]):
+    answers: list[str] = []
+    size = settings.batch_size
+    shown = Progress("reward_data: sampled answers", len(prompts), unit="answer")
+    with torch.random.fork_rng(devices=[]), shown:
         torch.manual_seed(settings.seed)
-        answers = constrained_generate(
-            model,
-            tokenizer,
-            prompts,
-            requests,
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=True,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            batch_size=settings.batch_size,
-        )
+        for start in range(0, len(prompts), size):  # batch by batch: the same draws as one call
+            answers += constrained_generate(
+                model,
+                tokenizer,
+                prompts[start : start + size],
+                requests[start : start + size],
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=True,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                batch_size=size,
+            )
+            shown.update(len(prompts[start : start + size]))
     return [answers[i * k : (i + 1) * k] for i in range(len(jobs))]
 
 
@@ -335,8 +342,9 @@ class RewardTrainSettings:
     # The lowest decoder layers that keep their SFT weights: backward stops above them (time a step).
     frozen_layers: int = 0
     # bf16 autocast around fp32 weights and Adam state (Trainer's mixed precision): the matmuls run
-    # in bf16 (AVX-512 BF16 / AMX), updates stay fp32; scoring after training stays fp32.
-    bf16: bool = False
+    # in bf16, updates stay fp32; scoring after training stays fp32. auto: on where this machine
+    # computes bfloat16 natively (AVX-512 BF16 / AMX / CUDA; chatuie.precision), off elsewhere.
+    bf16: bool | str = False
     seed: int = 13
     device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
@@ -347,6 +355,8 @@ class RewardTrainSettings:
             raise ValueError(f"rm.train.frozen_layers must be >= 0, got {self.frozen_layers}")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise ValueError(f"rm.train.head_learning_rate: > 0 or null, got {self.head_learning_rate}")
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":
+            raise ValueError(f"rm.train.bf16: expected true, false or auto, got {self.bf16!r}")
 
 
 class RewardTrainResult(NamedTuple):
@@ -475,7 +485,7 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
         "save_strategy": "no",  # minutes-long run: a checkpoint costs more than a rerun
         "eval_strategy": "no",
         **trainer_safety_args(settings.device, settings.seed),
-        "bf16": settings.bf16,
+        "bf16": resolve_autocast(settings.bf16, where="rm.train.bf16"),
     }
     kwargs.update(overrides)
     return RewardConfig(**kwargs)
@@ -547,6 +557,7 @@ def train_reward_model(
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             optimizers=(optimizer, None),  # None: the Trainer's own (AdamW) / its warmup-decay schedule
+            callbacks=[TrainingProgress("rm")],
         )
         trainer.train()
     loss_log = [

@@ -9,15 +9,19 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from transformers import TrainerCallback
+
 from chatuie.answer_loss import patch_answer_loss
 from chatuie.config import ConfigError
 from chatuie.launch import is_main_process, per_process_batch
 from chatuie.modeling import is_peft
+from chatuie.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,39 @@ class TrainResult(NamedTuple):
     global_step: int
     resumed_from: str | None  # checkpoint directory the run continued from
     too_long: int  # training samples left out: longer than settings.max_length tokens
+    seconds_per_step: float | None = None  # measured over this run's steps (None: none trained)
+
+
+class TrainingProgress(TrainerCallback):
+    """A Trainer's (or TRL's PPO trainer's) steps as :class:`Progress`, with the last logged loss.
+
+    Its measured time per step is kept (``seconds_per_step``) for the stage's metrics file.
+    """
+
+    def __init__(self, desc: str, unit: str = "step") -> None:
+        self.desc, self.unit = desc, unit
+        self.progress: Progress | None = None
+        self.seconds_per_step: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        total = state.max_steps or None
+        self.progress = Progress(self.desc, total, unit=self.unit, initial=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is not None and logs:
+            loss = logs.get("loss", logs.get("loss/policy_avg"))
+            self.progress.set(loss=loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(state.global_step - self.progress.position)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            progress, self.progress = self.progress, None
+            if progress.done:
+                self.seconds_per_step = round((time.monotonic() - progress.started) / progress.done, 3)
+            progress.close()
 
 
 def claim_checkpoints(output_dir: str | Path, identity: Any) -> bool:
@@ -301,6 +338,7 @@ def train_chat(
     eval_samples: Sequence[dict[str, Any]] | None = None,
     resume: bool = True,
     callbacks: list | None = None,
+    progress: str = "train",
     **config_overrides: Any,
 ) -> TrainResult:
     """Causal-LM training on chat samples, loss on the assistant turns, resumable.
@@ -332,6 +370,7 @@ def train_chat(
         raise ValueError(f"no training sample fits max_length={settings.max_length}")
     eval_fitting = fitting_samples(eval_samples, tokenizer, settings.max_length) if eval_samples else None
     patched_before = "forward" in _lm(model).__dict__
+    steps = TrainingProgress(progress)  # rate and ETA, named as the stage (``progress``)
     trainer = sft_trainer(
         model,
         tokenizer,
@@ -339,7 +378,7 @@ def train_chat(
         settings,
         out,
         eval_samples=eval_fitting,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), steps],
         **config_overrides,
     )
     finished = finished_state(checkpoint, settings.max_steps)
@@ -366,7 +405,7 @@ def train_chat(
     model = trainer.model
     model.eval()
     resumed_from = str(checkpoint) if checkpoint else None
-    return TrainResult(model, loss_log, global_step, resumed_from, too_long)
+    return TrainResult(model, loss_log, global_step, resumed_from, too_long, steps.seconds_per_step)
 
 
 def teach_to_answer(
@@ -378,7 +417,7 @@ def teach_to_answer(
     **kwargs: Any,
 ) -> TrainResult:
     """Teach a (base) model to answer chat samples: :func:`train_chat` under its stage's name."""
-    return train_chat(model, tokenizer, samples, settings, output_dir, **kwargs)
+    return train_chat(model, tokenizer, samples, settings, output_dir, **{"progress": "base", **kwargs})
 
 
 def train_sft(
@@ -390,4 +429,4 @@ def train_sft(
     **kwargs: Any,
 ) -> TrainResult:
     """Supervised fine-tuning on IE instructions: :func:`train_chat` (LoRA when the model is a peft model)."""
-    return train_chat(model, tokenizer, samples, settings, output_dir, **kwargs)
+    return train_chat(model, tokenizer, samples, settings, output_dir, **{"progress": "sft", **kwargs})

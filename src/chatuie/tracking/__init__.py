@@ -48,6 +48,7 @@ from chatuie.tracking.runs import (
     execution_id,
     execution_runs,
     git_commit,
+    log_run_params,
     stage_run,
     ui_url,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "download_model",
     "execution_id",
     "execution_runs",
+    "log_run_params",
     "find_root",
     "flatten_metrics",
     "flatten_params",

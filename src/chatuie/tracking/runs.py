@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -393,6 +394,18 @@ def stage_run(
     overhead += time.monotonic() - finishing
     # What tracking cost this stage (mlflow import and store included): bench/ and the docs quote it.
     log.info("MLflow run %s of stage %s: tracking took %.2f s", run_id, info.name, overhead)
+
+
+def log_run_params(params: Mapping[str, Any]) -> None:
+    """Params a stage settles while it runs (``model.dtype: auto`` -> ``float32`` on this machine),
+    added to its active run; nothing when no stage run is active (tracking off, a plain CLI)."""
+    if not tracking_enabled() or "mlflow" not in sys.modules:  # no run without mlflow imported
+        return
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_params({key: str(value) for key, value in params.items()})
 
 
 # ------------------------------------------------------------------------------ runs of an execution
