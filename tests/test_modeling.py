@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from chatuie.modeling import (
     save_model,
     train_tokenizer,
 )
-from chatuie.training import TeachSettings, last_checkpoint, teach_to_answer
+from chatuie.training import TeachSettings, last_checkpoint, teach_to_answer, train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "You are ChatUIE, an assistant that answers questions and extracts information."
@@ -484,3 +485,35 @@ def test_foreign_tokenizer_without_template_gets_chatml(tmp_path, tied, loss_typ
     assert tok2.eos_token == IM_END and len(tok2) == len(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**probe).logits, logits)
+
+
+def test_a_model_saved_in_one_dtype_loads_and_decodes_in_the_other(saved_tiny, tmp_path):
+    """dtype auto can differ between the machine that trained and the one that evaluates."""
+    config = ModelConfig(base=str(saved_tiny), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model, tokenizer = load_model(config)
+    adapter = save_model(model, tokenizer, tmp_path / "adapter")  # float32 base + adapter
+    full = save_model(merge_lora(load_saved(adapter, dtype="bfloat16")[0]), tokenizer, tmp_path / "bf16")
+    assert json.loads((full / "chatuie_model.json").read_text())["dtype"] == "bfloat16"
+    probe = tokenizer.apply_chat_template(
+        chat(QA[0][0]), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    outputs = {}
+    for source, dtype in ((adapter, "bfloat16"), (full, "float32"), (full, None)):
+        loaded, tok = load_saved(source, dtype=dtype)
+        expected = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: torch.bfloat16}[dtype]
+        base = {p.dtype for name, p in loaded.named_parameters() if "lora_" not in name}
+        assert base == {expected}, (source, dtype)  # (peft keeps adapters in float32)
+        with torch.no_grad():
+            out = loaded.generate(**probe, max_new_tokens=4, do_sample=False)
+        outputs[(source.name, dtype)] = out.shape[1] > probe["input_ids"].shape[1]
+    assert all(outputs.values()), outputs
+
+
+def test_training_logs_progress_with_eta_and_its_time_per_step(saved_tiny, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("CHATUIE_PROGRESS", "plain")
+    caplog.set_level(logging.INFO, logger="chatuie.progress")
+    model, tokenizer = load_model(ModelConfig(base=str(saved_tiny)))
+    result = train_sft(model, tokenizer, SAMPLES, settings(max_steps=3, logging_steps=1), tmp_path / "run")
+    got = [r.getMessage() for r in caplog.records if r.name == "chatuie.progress"]
+    assert got and got[0].startswith("sft: step 1/3 (33 %), ") and "ETA" in got[0], got
+    assert result.seconds_per_step is not None and result.seconds_per_step > 0
