@@ -41,6 +41,7 @@ from chatuie.constrained import IEConstraintProcessor, IERequest, clear_caches, 
 from chatuie.io import read_jsonl
 from chatuie.modeling import load_saved, merge_lora
 from chatuie.output_format import render
+from chatuie.precision import current_device, resolve_dtype
 from chatuie.records import Record, Schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +291,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="a saved model directory (default: random local model)")
-    parser.add_argument("--dtype", default="float32", help="--model's weights: float32 | bfloat16")
+    parser.add_argument(
+        "--dtype", default="auto", help="weights: auto (this machine's fast one) | float32 | bfloat16"
+    )
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -313,6 +316,7 @@ def main() -> None:
     start = time.perf_counter()
     if args.model:
         # As the evaluate stage loads it: a LoRA adapter merged into its base, in --dtype.
+        args.dtype = resolve_dtype(args.dtype, where="--dtype")
         model, tokenizer = load_saved(args.model, dtype=args.dtype)
         model = merge_lora(model).eval()
         if torch.cuda.is_available():
@@ -441,6 +445,7 @@ def main() -> None:
         "allocator": "keep freed memory (chatuie.allocator)" if kept_freed_memory else "glibc default",
         "device": "cuda" if next(model.parameters()).is_cuda else "cpu",
         "machine": platform.machine(),
+        "cpu_class": current_device("cpu").describe(),
         # Other processes compete for the cores: read the timings with this in mind.
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "runs": runs,

@@ -46,6 +46,7 @@ from chatuie.allocator import keep_freed_memory  # noqa: E402
 from chatuie.config import build, load_params  # noqa: E402
 from chatuie.io import read_jsonl  # noqa: E402
 from chatuie.modeling import LoraSettings, ModelConfig, load_model  # noqa: E402
+from chatuie.precision import current_device, resolve_dtype  # noqa: E402
 from chatuie.training import fitting_samples, sft_trainer  # noqa: E402
 
 ALL_LINEAR = ["all-linear"]
@@ -66,6 +67,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], bool]] = {
     "lora-bf16-nodropout-answerloss": ("bfloat16", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
     "lora-bf16-bf16adapters-answerloss": ("bfloat16", BF16_ADAPTERS, {"loss_type": "answer_nll"}, False),
     "lora-fp32": ("float32", NO_DROPOUT, {}, False),
+    "lora-fp32-answerloss": ("float32", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
+    # the default's settings in the dtype `auto` resolves to on this machine (chatuie.precision)
+    "lora-auto-answerloss": ("auto", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
     "full-fp32": ("float32", None, {}, False),
 }
 
@@ -91,6 +95,7 @@ def _lora(profile: LoraSettings | None, changes: dict[str, Any] | None, num_laye
 def measure(name: str, model_dir: Path, base_config: ModelConfig, stage: SFTStageConfig, samples, steps: int):
     dtype, lora_changes, train_changes, compile_model = VARIANTS[name]
     num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    dtype = resolve_dtype(dtype, where=f"variant {name}")
     config = replace(base_config, dtype=dtype, lora=_lora(base_config.lora, lora_changes, num_layers))
     settings = replace(stage.train, max_steps=steps, save_steps=0, logging_steps=1, **train_changes)
     model, tokenizer = load_model(config, str(model_dir))
@@ -191,7 +196,12 @@ def main() -> None:
         "threads": args.threads,
         "steps": args.steps,
         "allocator": "keep freed memory (chatuie.allocator)" if kept_freed_memory else "glibc default",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_class": current_device("cpu").describe(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ import torch
 from chatuie import packaged, tracking
 from chatuie.constrained import IERequest, constrained_generate
 from chatuie.modeling import LoraSettings, ModelConfig, is_peft, load_model, load_saved, save_model
+from chatuie.precision import resolve_dtype
 from chatuie.records import Schema
 from chatuie.training import TeachSettings, train_sft
 
@@ -49,9 +50,14 @@ def cache(tmp_path_factory) -> Path:
         os.environ[packaged.CACHE_ENV] = saved
 
 
+# The dtype this machine computes fast (bfloat16 with AVX-512 BF16 / AMX, float32 on AVX2, where
+# emulated bfloat16 made this module's LoRA step minutes long): the default's `auto`.
+DTYPE = resolve_dtype("auto")
+
+
 @pytest.fixture(scope="module")
 def gemma_dir(cache: Path) -> Path:
-    return packaged.materialize(packaged.installed_pin("gemma3-270m"), dtype="bfloat16")
+    return packaged.materialize(packaged.installed_pin("gemma3-270m"), dtype=DTYPE)
 
 
 def test_conversion_is_a_plain_chat_ready_model(gemma_dir: Path) -> None:
@@ -68,7 +74,7 @@ def test_conversion_is_a_plain_chat_ready_model(gemma_dir: Path) -> None:
     assert len(tokenizer) == 262144  # Gemma's own turn tokens: nothing added, nothing resized
     assert tokenizer.eos_token == "<end_of_turn>" and has_generation_markers(tokenizer.chat_template)
     # A second materialize is a cache hit: same directory, nothing converted again.
-    assert packaged.materialize(pin, dtype="bfloat16") == gemma_dir
+    assert packaged.materialize(pin, dtype=DTYPE) == gemma_dir
 
 
 def test_another_package_version_is_refused(gemma_dir: Path) -> None:
@@ -87,7 +93,7 @@ def _extract(model, tokenizer) -> str:
 
 def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path, monkeypatch) -> None:
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"], layers=[16, 17])
-    model, tokenizer = load_model(ModelConfig(base=str(gemma_dir), dtype="bfloat16", lora=lora))
+    model, tokenizer = load_model(ModelConfig(base=str(gemma_dir), dtype=DTYPE, lora=lora))
     assert is_peft(model) and len(tokenizer) == 262144
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     sample = {
@@ -115,7 +121,7 @@ def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path,
     saved = save_model(result.model, tokenizer, tmp_path / "sft")
     note = json.loads((saved / "chatuie_model.json").read_text())
     assert note["kind"] == "lora" and note["base_pin"]["sha256"] == packaged.read_pin(gemma_dir).sha256
-    reloaded, tok2 = load_saved(saved, dtype="bfloat16")
+    reloaded, tok2 = load_saved(saved, dtype=DTYPE)
     assert _extract(reloaded, tok2) == answer
 
     # Registered: the adapter and the pin, not the base.
@@ -135,5 +141,5 @@ def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path,
     )
     local = tracking.download_model(f"models:/gemma-test/{version}", tmp_path / "dl", root=store)
     assert json.loads((local / "chatuie_model.json").read_text())["base"] == "packaged:gemma3-270m"
-    downloaded, tok3 = load_saved(local, dtype="bfloat16")
+    downloaded, tok3 = load_saved(local, dtype=DTYPE)
     assert _extract(downloaded, tok3) == answer

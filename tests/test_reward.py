@@ -27,6 +27,7 @@ from chatuie.io import read_json, read_jsonl, write_jsonl
 from chatuie.judge import JudgeResult
 from chatuie.modeling import TinyModelConfig, build_tiny_model, chat_texts, save_model, train_tokenizer
 from chatuie.negatives import NegativeSettings
+from chatuie.precision import resolve_dtype
 from chatuie.prepare import PrepareConfig, convert_all, write_records
 from chatuie.records import Record
 from chatuie.reward import (
@@ -287,6 +288,10 @@ def test_bf16_mixed_precision_keeps_fp32_weights(project: Path) -> None:
     pairs = negative_pairs(records, CHAT, NegativeSettings(per_instruction=2), eval_fraction=0.0, seed=3)
     assert reward_config(RewardTrainSettings(bf16=True), "unused").bf16
     assert not reward_config(RewardTrainSettings(), "unused").bf16
+    native = resolve_dtype("auto") == "bfloat16"  # auto: autocast only where bfloat16 is native
+    assert reward_config(RewardTrainSettings(bf16="auto"), "unused").bf16 is native
+    with pytest.raises(ValueError, match="rm.train.bf16: expected true, false or auto"):
+        RewardTrainSettings(bf16="sometimes")
     heads = {}
     for bf16 in (False, True):
         model, tokenizer = load_reward_base(project / "models" / "sft")

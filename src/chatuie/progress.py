@@ -79,6 +79,8 @@ class Progress:
         self.mode = mode or _mode()
         self.interval = _interval() if interval_s is None else interval_s
         self.started = time.monotonic()
+        self.first_at: float | None = None  # the first update's end: later rates leave out its warm-up
+        self.first_position = initial
         self.last_line = self.started
         self.lines = 0
         self._bar = None
@@ -91,19 +93,27 @@ class Progress:
     def done(self) -> int:
         return self.position - self.initial
 
+    def seconds_per_unit(self) -> float | None:
+        """Measured from the first unit's end once there are two (loading, a first slow step and
+        other warm-up then count for nothing), from the start before."""
+        now = time.monotonic()
+        if self.done >= 2 and self.first_at is not None and self.position > self.first_position:
+            return (now - self.first_at) / (self.position - self.first_position)
+        return (now - self.started) / self.done if self.done > 0 else None
+
     def eta_seconds(self) -> float | None:
-        if not self.total or self.done <= 0:
+        per_unit = self.seconds_per_unit()
+        if not self.total or per_unit is None:
             return None
-        elapsed = time.monotonic() - self.started
-        return max(0.0, (self.total - self.position) * elapsed / self.done)
+        return max(0.0, (self.total - self.position) * per_unit)
 
     def line(self) -> str:
         """``sft: step 40/800 (5 %), 4.6 s/step, loss 0.41, ETA 58 min``."""
-        elapsed = time.monotonic() - self.started
         where = f"{self.unit} {self.position}"
         if self.total:
             where += f"/{self.total} ({100 * self.position / self.total:.0f} %)"
-        parts = [f"{self.desc}: {where}", rate_text(elapsed, self.done, self.unit)]
+        per_unit = self.seconds_per_unit()
+        parts = [f"{self.desc}: {where}", rate_text(per_unit or 0.0, 1 if per_unit else 0, self.unit)]
         parts += [f"{key} {_fmt(value)}" for key, value in self.fields.items()]
         eta = self.eta_seconds()
         if eta is not None:
@@ -111,6 +121,8 @@ class Progress:
         return ", ".join(parts)
 
     def update(self, n: int = 1, **fields: Any) -> None:
+        if self.first_at is None and n > 0:
+            self.first_at, self.first_position = time.monotonic(), self.position + n
         self.position += n
         self.fields.update({k: v for k, v in fields.items() if v is not None})
         if self._bar is not None:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +101,8 @@ class TrainingProgress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             progress, self.progress = self.progress, None
-            if progress.done:
-                self.seconds_per_step = round((time.monotonic() - progress.started) / progress.done, 3)
+            per_step = progress.seconds_per_unit()
+            self.seconds_per_step = None if per_step is None else round(per_step, 3)
             progress.close()
 
 
