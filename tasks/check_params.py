@@ -4,7 +4,8 @@ A stage checks its own section when it starts, but DVC has deleted that stage's 
 (`sft.train.max_stepz` cost models/sft). This stage is first in dvc.yaml's graph (every other
 stage depends on its output), depends on all of params.yaml, and builds every section with the
 dataclass its stage builds, as that stage does (``section`` of tasks/_stage.py), plus the
-``flow`` section of flows/pipeline.py. A mistake stops `dvc repro` here, nothing deleted:
+``flow`` section of flows/pipeline.py; and the files of the datasets declared in
+``prepare.datasets`` must exist. A mistake stops `dvc repro` here, nothing deleted:
 
     error: params.yaml: sft.train.max_stepz: unknown key (known: ...)
 
@@ -117,7 +118,29 @@ def check(params_path: Path) -> list[str]:
             )
         except ConfigError as err:
             errors.append(str(err).replace("params.yaml: ", f"{name}: ", 1))
+        errors += _missing_files(built["prepare"], name)
     return errors
+
+
+def _missing_files(config: Any, name: str) -> list[str]:
+    """Declared datasets' files that are not there (prepare would stop on them, its outputs gone).
+
+    Paths are the repo root's, as prepare reads them."""
+    missing = []
+    for i, dataset in enumerate(config.datasets):
+        paths = {f"files.{split}": path for split, path in dataset.files.items()}
+        if dataset.schema:
+            paths["schema"] = dataset.schema
+        for key, path in paths.items():
+            if not Path(path).is_file():
+                hint = (
+                    " (`make profile P=smoke` puts them there)" if path.startswith("data/user/smoke/") else ""
+                )
+                missing.append(
+                    f"{name}: prepare.datasets[{i}].{key}: {path}: no such file "
+                    f"(dataset {dataset.name!r}){hint}"
+                )
+    return missing
 
 
 def main(argv: list[str]) -> int:

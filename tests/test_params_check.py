@@ -6,6 +6,7 @@ before DVC deletes the outputs of a stage it was about to rerun.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,16 +30,37 @@ def _params(tmp_path: Path, base: str = "params.smoke.yaml", **sections) -> Path
     return path
 
 
+@pytest.fixture()
+def smoke_data(tmp_path, monkeypatch) -> Path:
+    """A working directory with the smoke profile's declared datasets (as `make profile P=smoke`)."""
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "user", work / "data" / "user" / "smoke")
+    monkeypatch.chdir(work)
+    return work
+
+
 @pytest.mark.parametrize("profile", ["", ".tiny", ".smoke", ".gpu"])
-def test_every_profile_passes(profile: str) -> None:
+def test_every_profile_passes(profile: str, smoke_data: Path) -> None:
     assert check(ROOT / f"params{profile}.yaml") == []
+
+
+def test_declared_files_must_exist(tmp_path, monkeypatch) -> None:
+    """The new user's `cp params.smoke.yaml params.yaml`: named here, before prepare deletes anything."""
+    monkeypatch.chdir(tmp_path)
+    errors = check(ROOT / "params.smoke.yaml")
+    assert errors[0] == (
+        f"{ROOT / 'params.smoke.yaml'}: prepare.datasets[0].files.train: "
+        "data/user/smoke/ner_train.jsonl: no such file (dataset 'smoke_ner') "
+        "(`make profile P=smoke` puts them there)"
+    )
+    assert len(errors) == 4  # smoke_ner train and test, smoke_re test and schema
 
 
 def test_every_section_of_the_default_is_checked() -> None:
     assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == set(SECTIONS)
 
 
-def test_mistakes_name_the_file_and_key(tmp_path) -> None:
+def test_mistakes_name_the_file_and_key(tmp_path, smoke_data: Path) -> None:
     path = _params(
         tmp_path,
         sft__train__max_stepz=3,
@@ -54,7 +76,7 @@ def test_mistakes_name_the_file_and_key(tmp_path) -> None:
     assert len(errors) == 4
 
 
-def test_a_cross_section_refusal_of_prepare_too(tmp_path) -> None:
+def test_a_cross_section_refusal_of_prepare_too(tmp_path, smoke_data: Path) -> None:
     path = _params(tmp_path, evaluate__zero_shot=["resume"])  # resume is taught (sft.datasets)
     errors = check(path)
     # prepare's refusal (evaluate.zero_shot against sft.datasets), besides evaluate's own
