@@ -1,11 +1,15 @@
-# The three commands of the README. Everything runs inside .venv (made by `make setup`).
+# The commands of the README. Everything runs inside .venv (made by `make setup`).
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup repro test lint
+.PHONY: setup profile repro test lint
 
 setup:
 	bash scripts/setup.sh
+
+# make profile P=smoke | tiny | gpu | default: that profile's params as params.yaml (scripts/profile.sh)
+profile:
+	bash scripts/profile.sh "$(P)"
 
 repro:
 	dvc repro

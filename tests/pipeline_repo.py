@@ -14,6 +14,11 @@ PROJECT_FILES = [
     "dvc.yaml",
     "params.yaml",
     "params.smoke.yaml",
+    "params.tiny.yaml",
+    "params.gpu.yaml",
+    "Makefile",
+    "scripts/profile.sh",
+    "tests/fixtures/user",  # the smoke profile's declared datasets
     "tasks",
     "src",
     "flows",
@@ -54,7 +59,8 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def make_repo(dest: Path, profile: str | None = None) -> Path:
-    """Copy the pipeline into ``dest`` (a fresh git repo); ``profile='smoke'`` uses params.smoke.yaml."""
+    """Copy the pipeline into ``dest`` (a fresh git repo); ``profile='smoke'``: then ``make profile
+    P=smoke`` as the README says (params.smoke.yaml as params.yaml, its datasets in data/user/smoke)."""
     if not SHARED_STORE.is_dir():
         raise RuntimeError(f"DVC remote not found at {SHARED_STORE}")
     for name in PROJECT_FILES:
@@ -66,16 +72,13 @@ def make_repo(dest: Path, profile: str | None = None) -> Path:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
-    if profile:
-        shutil.copy(dest / f"params.{profile}.yaml", dest / "params.yaml")
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "test@example.com"], dest)
     run(["git", "config", "user.name", "test"], dest)
     # The committed remote is relative to the checkout (../../shared/dvc-store); here it is elsewhere.
     run(["dvc", "remote", "modify", "--local", "shared", "url", str(SHARED_STORE)], dest)
     run(["dvc", "pull", "-q", "data/raw.dvc"], dest)
-    if profile == "smoke":
-        # The smoke profile's declared datasets, tracked as a user would (docs/datasets.md).
-        shutil.copytree(ROOT / "tests" / "fixtures" / "user", dest / "data" / "user" / "smoke")
-        run(["dvc", "add", "-q", "data/user/smoke"], dest)
+    if profile:
+        # FORCE: this repo has no commit yet, so its params.yaml cannot be told from a user's edits.
+        run(["make", "-s", "profile", f"P={profile}"], dest, tool_env(FORCE="1"))
     return dest

@@ -1,4 +1,4 @@
-"""The ``chatuie`` command: extract, serve, view, report, promote.
+"""The ``chatuie`` command: extract, serve, view, evaluate, report, metrics, promote.
 
     chatuie extract --schema schema.json "张三在北京工作。"
     chatuie extract --schema schema.json -i in.jsonl -o out.jsonl     # resumable
@@ -6,6 +6,7 @@
     chatuie view reports/eval/sft/predictions.conll04.constrained.jsonl -o view.html
     chatuie evaluate --model models:/chatuie@production --data test.txt --format tagging
     chatuie report
+    chatuie metrics [--json]
     chatuie promote [--version N] | chatuie promote --rollback
 
 Expected failures (bad input, a missing model) print one ``error: ...`` line naming the file,
@@ -316,6 +317,28 @@ def report(
         _fail(err)
     for path in written:
         typer.echo(path)
+
+
+@app.command()
+def metrics(
+    metrics_dir: Annotated[Path, typer.Option(help="Where metrics/<model>.json live.")] = Path("metrics"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """The headline metrics per model (F1 with 95 % intervals, chat metrics, RL - SFT) in 80 columns.
+
+    What `dvc metrics show` holds too, among every other number of the metrics files.
+    """
+    from chatuie.report import ReportError
+    from chatuie.summary import collect, render
+
+    try:
+        summary = collect(metrics_dir)
+    except ReportError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(render(summary))
 
 
 @app.command()

@@ -1,0 +1,161 @@
+"""Stage `check_params`: the whole params.yaml checked before any other stage runs.
+
+A stage checks its own section when it starts, but DVC has deleted that stage's outputs by then
+(`sft.train.max_stepz` cost models/sft). This stage is first in dvc.yaml's graph (every other
+stage depends on its output), depends on all of params.yaml, and builds every section with the
+dataclass its stage builds, as that stage does (``section`` of tasks/_stage.py), plus the
+``flow`` section of flows/pipeline.py; and the files of the datasets declared in
+``prepare.datasets`` must exist. A mistake stops `dvc repro` here, nothing deleted:
+
+    error: params.yaml: sft.train.max_stepz: unknown key (known: ...)
+
+Every mistake found is printed (one line each, section by section), then exit status 1. On success
+it writes reports/params_check.json, whose content never depends on the params: the stages after it
+see the same dependency and rerun only for their own reasons.
+
+    python tasks/check_params.py [PARAMS_FILE]     # params.yaml by default
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from chatuie.config import ConfigError, build, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path("reports/params_check.json")
+
+# section -> (module, class): what the stage reading that section builds it with. Stage scripts'
+# own configs are imported from tasks/ (on sys.path as this script's folder).
+SECTIONS: dict[str, tuple[str, str]] = {
+    "prepare": ("chatuie.prepare", "PrepareConfig"),
+    "samples": ("chatuie.samples", "SamplesConfig"),
+    "validate": ("chatuie.validation", "ValidateConfig"),
+    "model": ("chatuie.modeling", "ModelConfig"),
+    "base": ("base", "BaseStageConfig"),
+    "sft": ("sft", "SFTStageConfig"),
+    "evaluate": ("evaluate", "EvaluateStageConfig"),
+    "report": ("chatuie.report", "ReportConfig"),
+    "judge": ("chatuie.judge", "JudgeConfig"),
+    "reward_data": ("chatuie.reward", "RewardDataConfig"),
+    "rm": ("rm", "RMStageConfig"),
+    "rl": ("rl", "RLStageConfig"),
+    "register": ("register", "RegisterConfig"),
+    "promote": ("chatuie.gate", "PromotionPolicy"),
+    "flow": ("flows.pipeline", "FlowConfig"),
+}
+
+
+def _config_class(section: str) -> type:
+    module, name = SECTIONS[section]
+    if module.startswith("flows.") and str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # appended: the mlflow/ store folder must not shadow the package
+    return getattr(importlib.import_module(module), name)
+
+
+def _judge(data: Any, where: str) -> Any:
+    """As reward_data builds it: ``JudgeConfig.from_dict`` (its unknown keys named like build's)."""
+    import dataclasses
+
+    cls = _config_class("judge")
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(known)})")
+    return cls.from_dict(data)
+
+
+def _checked(where: str, make: Callable[[], Any]) -> Any:
+    """``make()``; a ValueError/TypeError (a ``__post_init__`` check) becomes a ConfigError at ``where``."""
+    try:
+        return make()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def check(params_path: Path) -> list[str]:
+    """Every mistake in the params file, one message each (empty: all sections build)."""
+    name = str(params_path)
+    try:
+        params = load_params(params_path)
+    except (ConfigError, OSError) as err:
+        return [str(err)]
+    errors = []
+    unknown = sorted(set(params) - set(SECTIONS))
+    for section in unknown:
+        errors.append(f"{name}: {section}: unknown section (known: {', '.join(sorted(SECTIONS))})")
+    built: dict[str, Any] = {}
+    for section in SECTIONS:
+        where = f"{name}: {section}"
+        data = params.get(section)
+        try:
+            if section == "judge":
+                built[section] = _checked(where, lambda d=data, w=where: _judge(d, w))
+            else:
+                cls = _config_class(section)
+                built[section] = _checked(where, lambda c=cls, d=data, w=where: build(c, d, w))
+        except ConfigError as err:
+            errors.append(str(err))
+    if "prepare" in built:  # what prepare refuses before any training (evaluate.zero_shot vs sft)
+        from chatuie.prepare import check_zero_shot
+
+        evaluate, sft = params.get("evaluate") or {}, params.get("sft") or {}
+        try:
+            check_zero_shot(
+                list(evaluate.get("zero_shot") or []) if isinstance(evaluate, dict) else [],
+                list(sft.get("datasets") or []) if isinstance(sft, dict) else [],
+                built["prepare"],
+            )
+        except ConfigError as err:
+            errors.append(str(err).replace("params.yaml: ", f"{name}: ", 1))
+        errors += _missing_files(built["prepare"], name)
+    return errors
+
+
+def _missing_files(config: Any, name: str) -> list[str]:
+    """Declared datasets' files that are not there (prepare would stop on them, its outputs gone).
+
+    Paths are the repo root's, as prepare reads them."""
+    missing = []
+    for i, dataset in enumerate(config.datasets):
+        paths = {f"files.{split}": path for split, path in dataset.files.items()}
+        if dataset.schema:
+            paths["schema"] = dataset.schema
+        for key, path in paths.items():
+            if not Path(path).is_file():
+                hint = (
+                    " (`make profile P=smoke` puts them there)" if path.startswith("data/user/smoke/") else ""
+                )
+                missing.append(
+                    f"{name}: prepare.datasets[{i}].{key}: {path}: no such file "
+                    f"(dataset {dataset.name!r}){hint}"
+                )
+    return missing
+
+
+def main(argv: list[str]) -> int:
+    params_path = Path(argv[0]) if argv else Path("params.yaml")
+    errors = check(params_path)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        print(f"{params_path}: {len(errors)} mistake(s); no stage ran, nothing deleted", file=sys.stderr)
+        return 1
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({"checked": "params.yaml"}) + "\n", encoding="utf-8")
+    print(f"{params_path}: every section builds ({', '.join(s for s in SECTIONS)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
