@@ -12,6 +12,8 @@
   :func:`chatuie.constrained.constrained_generate` call, so the server can decode concurrent
   requests together.
 * :func:`extract_file` runs a JSONL job with a progress bar and resumes an interrupted one.
+* Text and labels are checked at the boundary (:func:`text_problem`): a JSON string may hold an
+  unpaired surrogate (``"\\ud800"``), which no tokenizer can encode; it is refused by name.
 
 Results are plain JSON-ready dicts with character offsets (``text[start:end] == span``)::
 
@@ -62,11 +64,59 @@ _WEAK_BREAKS = frozenset(" \t\r，、,:：)）」』】")
 
 
 class ExtractError(ValueError):
-    """Bad input or configuration; the message names the file, line and field at fault."""
+    """Bad input or configuration; the message names the file, line and field at fault.
+
+    The message is always encodable text (an unpaired surrogate quoted from the input is written
+    as a ``\\udXXX`` escape), so it can be printed or sent as JSON.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(printable(str(message)), *args)
 
 
 class SchemaError(ExtractError):
     """An invalid schema (``where`` locates it: a file name or ``schema`` in a request)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# text at the boundary
+
+
+def printable(text: str) -> str:
+    """``text`` with unpaired surrogates as ``\\udXXX`` escapes: always encodable as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text_problem(value: str) -> str | None:
+    """Why a tokenizer cannot take ``value``, or None when it can.
+
+    Tokenizers take Unicode text as UTF-8; the one kind of Python string that has no UTF-8 form
+    holds an unpaired surrogate (U+D800-U+DFFF), which a JSON file or request may carry as
+    ``"\\ud800"`` and a command-line argument as an undecodable byte.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"unpaired surrogate U+{ord(value[err.start]):04X} at character {err.start} "
+            "(not valid Unicode text: the tokenizer cannot encode it)"
+        )
+    return None
+
+
+def check_text(value: str, where: str) -> str:
+    """``value`` if a tokenizer can encode it, else an :class:`ExtractError` naming ``where``."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ExtractError(f"{where}: {problem}")
+    return value
+
+
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
+    """``file:line: not UTF-8 ...`` for a decoding error at ``err.start`` of ``data``."""
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte {column} of the line)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,11 +157,13 @@ class ExtractionSchema:
     def load(cls, path: str | Path) -> ExtractionSchema:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as err:
             raise SchemaError(f"{path}: cannot read schema file: {err.strerror or err}") from None
-        except UnicodeDecodeError:
-            raise SchemaError(f"{path}: not UTF-8 text") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SchemaError(_not_utf8(path, data, err)) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -150,6 +202,9 @@ class ExtractionSchema:
 def _label(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise SchemaError(f"{where}: expected a string label, got {json.dumps(value, ensure_ascii=False)}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise SchemaError(f"{where}: label has an {problem}")
     if not value.strip():
         raise SchemaError(f"{where}: empty label")
     if value != value.strip():
@@ -545,6 +600,8 @@ class Extractor:
         for index, (text, schema) in enumerate(docs):
             if not isinstance(text, str) or not text.strip():
                 raise ExtractError(f"document {index}: empty text")
+            check_text(text, f"document {index}: text")
+            _check_labels(schema, f"document {index}: schema")
             windows = self.windows(text, schema)
             window_counts.append(len(windows))
             instructions = schema.instructions(self.settings.max_labels_per_instruction)
@@ -592,6 +649,17 @@ class Extractor:
         return results
 
 
+def _check_labels(schema: ExtractionSchema, where: str) -> None:
+    """Every label encodable (a schema built in code skips :meth:`ExtractionSchema.from_dict`)."""
+    labels = [*schema.entities, *schema.events]
+    for relation in schema.relations:
+        labels += [relation.name, relation.head or "", relation.tail or ""]
+    for roles in schema.events.values():
+        labels += roles
+    for label in labels:
+        check_text(label, f"{where}: label {printable(repr(label))}")
+
+
 def load_model_ref(ref: str, dtype: str = "auto") -> tuple[Any, Any, str]:
     """(model, tokenizer, name) from a saved model directory or an MLflow ``models:/`` URI, in
     ``dtype`` (auto: this machine's fast one, chatuie.precision, whatever it was saved in)."""
@@ -636,11 +704,13 @@ def read_inputs(path: str | Path) -> list[InputItem]:
     text per line), all validated before anything runs. Default ids are line numbers."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise ExtractError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        raw = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ExtractError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        raise ExtractError(_not_utf8(path, data, err)) from None
     plain = path.suffix == ".txt"
     items: list[InputItem] = []
     seen: dict[str, int] = {}
@@ -666,6 +736,8 @@ def read_inputs(path: str | Path) -> list[InputItem]:
             if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
                 raise ExtractError(f"{where}: field 'id': expected a string or an integer")
             item_id = str(raw_id)
+            check_text(item_id, f"{where}: field 'id'")
+        check_text(text, f"{where}: field 'text'")
         if not text.strip():
             raise ExtractError(f"{where}: field 'text': empty")
         if item_id in seen:
