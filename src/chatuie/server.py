@@ -330,9 +330,18 @@ def _parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT
     if body.get("stream"):
         raise ApiError(400, "stream: streaming is not supported by this server", "unsupported")
     model = body.get("model")
+    if model is None:
+        raise ApiError(
+            400, f"model: missing (this server serves {settings.model_name!r})", "missing_model", "model"
+        )
+    if not isinstance(model, str):
+        raise ApiError(400, f"model: expected a string, got {type(model).__name__}", param="model")
     if model != settings.model_name:
         raise ApiError(
-            404, f"model {model!r} not found (this server serves {settings.model_name!r})", "model_not_found"
+            404,
+            f"model {model!r} not found (this server serves {settings.model_name!r})",
+            "model_not_found",
+            "model",
         )
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
