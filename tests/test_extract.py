@@ -377,6 +377,21 @@ def test_bad_input_names_file_line_field(tmp_path: Path, content: str, message: 
         read_inputs(path)
 
 
+def test_non_utf8_input_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(
+        ExtractError, match=r"in\.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 14 of the line\)"
+    ):
+        read_inputs(path)
+    schema = tmp_path / "schema.json"
+    schema.write_bytes(b'{\n  "entities": ["caf\xe9"]\n}')
+    with pytest.raises(
+        SchemaError, match=r"schema\.json:2: not UTF-8 text \(byte 0xe9 at byte 20 of the line\)"
+    ):
+        ExtractionSchema.load(schema)
+
+
 def test_foreign_output_is_refused(loaded: tuple[Any, Any], tmp_path: Path) -> None:
     model, tokenizer = loaded
     source = write_lines(tmp_path / "in.jsonl", [{"id": "a", "text": EN_TEXT}])

@@ -232,6 +232,21 @@ def test_bad_chat_requests_and_the_server_survives(server: tuple[str, Any]) -> N
     assert extract(url, {"text": EN_TEXT, "schema": {"entities": ["Peop"]}})[0] == 200
 
 
+def test_chat_without_model_is_a_400_naming_the_field(server: tuple[str, Any]) -> None:
+    url, _ = server
+    messages = [{"role": "user", "content": "hi"}]
+    status, body = http(f"{url}/v1/chat/completions", json.dumps({"messages": messages}).encode())
+    assert status == 400, body
+    assert body["error"]["message"] == f"model: missing (this server serves {NAME!r})"
+    assert body["error"]["param"] == "model"
+    status, body = http(f"{url}/v1/chat/completions", json.dumps({"model": 7, "messages": messages}).encode())
+    assert status == 400 and body["error"]["message"] == "model: expected a string, got int", body
+    status, body = http(
+        f"{url}/v1/chat/completions", json.dumps({"model": "x", "messages": messages}).encode()
+    )
+    assert status == 404 and body["error"]["param"] == "model", body
+
+
 def test_concurrent_extract_requests_are_decoded_together(
     server: tuple[str, Any], extractor: Extractor
 ) -> None:

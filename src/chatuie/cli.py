@@ -92,7 +92,7 @@ def extract(
     threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
 ) -> None:
     """Extract entities, relations and events with character offsets (constrained decoding)."""
-    from chatuie.extract import ExtractionSchema, Extractor, extract_file, read_inputs
+    from chatuie.extract import ExtractionSchema, Extractor, check_text, extract_file, read_inputs
 
     try:
         if (text is None) == (input_path is None):
@@ -103,7 +103,13 @@ def extract(
             _fail("--output goes with --input")
         parsed_schema = ExtractionSchema.load(schema)
         if text == "-":
-            text = sys.stdin.read()
+            data = sys.stdin.buffer.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                _fail(f"stdin: not UTF-8 text (byte 0x{data[err.start]:02x} at byte {err.start})")
+        if text is not None:  # an argument's undecodable bytes arrive as unpaired surrogates
+            check_text(text, "TEXT")
         if text is not None and not text.strip():
             _fail("TEXT: empty")
         if input_path is not None:

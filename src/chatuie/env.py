@@ -17,6 +17,8 @@ DEFAULTS: dict[str, str] = {
     "PREFECT_HOME": str(PROJECT_ROOT / ".prefect"),
     # A Prefect ephemeral API takes 10-30 s to start on 2 cores; the default 20 s is too tight.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # Also in prefect.toml at the project root, for prefect commands run without chatuie
+    # (`prefect server start`): Prefect reads it from the working directory.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -11,7 +11,11 @@
 * :class:`Extractor` batches every (document, window, instruction) row of a call through one
   :func:`chatuie.constrained.constrained_generate` call, so the server can decode concurrent
   requests together.
-* :func:`extract_file` runs a JSONL job with a progress bar and resumes an interrupted one.
+* :func:`extract_file` runs a JSONL job with a progress bar and resumes an interrupted one. What
+  the job was run with (model fingerprint, schema, decoding settings) is recorded beside its
+  output (``<out>.job.json``); a resume with anything else is refused.
+* Text and labels are checked at the boundary (:func:`text_problem`): a JSON string may hold an
+  unpaired surrogate (``"\\ud800"``), which no tokenizer can encode; it is refused by name.
 
 Results are plain JSON-ready dicts with character offsets (``text[start:end] == span``)::
 
@@ -26,9 +30,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +68,59 @@ _WEAK_BREAKS = frozenset(" \t\r，、,:：)）」』】")
 
 
 class ExtractError(ValueError):
-    """Bad input or configuration; the message names the file, line and field at fault."""
+    """Bad input or configuration; the message names the file, line and field at fault.
+
+    The message is always encodable text (an unpaired surrogate quoted from the input is written
+    as a ``\\udXXX`` escape), so it can be printed or sent as JSON.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(printable(str(message)), *args)
 
 
 class SchemaError(ExtractError):
     """An invalid schema (``where`` locates it: a file name or ``schema`` in a request)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# text at the boundary
+
+
+def printable(text: str) -> str:
+    """``text`` with unpaired surrogates as ``\\udXXX`` escapes: always encodable as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text_problem(value: str) -> str | None:
+    """Why a tokenizer cannot take ``value``, or None when it can.
+
+    Tokenizers take Unicode text as UTF-8; the one kind of Python string that has no UTF-8 form
+    holds an unpaired surrogate (U+D800-U+DFFF), which a JSON file or request may carry as
+    ``"\\ud800"`` and a command-line argument as an undecodable byte.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"unpaired surrogate U+{ord(value[err.start]):04X} at character {err.start} "
+            "(not valid Unicode text: the tokenizer cannot encode it)"
+        )
+    return None
+
+
+def check_text(value: str, where: str) -> str:
+    """``value`` if a tokenizer can encode it, else an :class:`ExtractError` naming ``where``."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ExtractError(f"{where}: {problem}")
+    return value
+
+
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
+    """``file:line: not UTF-8 ...`` for a decoding error at ``err.start`` of ``data``."""
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte {column} of the line)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,11 +161,13 @@ class ExtractionSchema:
     def load(cls, path: str | Path) -> ExtractionSchema:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as err:
             raise SchemaError(f"{path}: cannot read schema file: {err.strerror or err}") from None
-        except UnicodeDecodeError:
-            raise SchemaError(f"{path}: not UTF-8 text") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SchemaError(_not_utf8(path, data, err)) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -150,6 +206,9 @@ class ExtractionSchema:
 def _label(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise SchemaError(f"{where}: expected a string label, got {json.dumps(value, ensure_ascii=False)}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise SchemaError(f"{where}: label has an {problem}")
     if not value.strip():
         raise SchemaError(f"{where}: empty label")
     if value != value.strip():
@@ -458,15 +517,50 @@ class Extractor:
         self.settings = settings or ExtractSettings()
         self.name = name
         self._overheads: dict[str, int] = {}
+        # Where the model was loaded from (Extractor.load); else its name_or_path, if a directory.
+        self.model_ref: str | None = None
+        self.model_dir: Path | None = None
+        self._identity: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, model_ref: str = DEFAULT_MODEL, settings: ExtractSettings | None = None) -> Extractor:
-        model, tokenizer, name = load_model_ref(model_ref)
+        path, name = resolve_model_ref(model_ref)
+        model, tokenizer = _load_dir(path)
         settings = settings or ExtractSettings()
         if settings.chat is None:
             source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
             settings = dataclasses.replace(settings, chat=prompt_options_for(source))
-        return cls(model, tokenizer, settings, name=name)
+        extractor = cls(model, tokenizer, settings, name=name)
+        extractor.model_ref, extractor.model_dir = model_ref, path
+        return extractor
+
+    def model_identity(self) -> dict[str, Any]:
+        """``{"ref", "name", "sha256"}``: what a file job records of the model (sha256 of its
+        saved directory, :func:`model_fingerprint`; None for a model with no directory)."""
+        if self._identity is None:
+            folder = self.model_dir
+            if folder is None:
+                source = getattr(self.model, "name_or_path", None)
+                if source and Path(source).is_dir():
+                    folder = Path(source)
+            self._identity = {
+                "ref": self.model_ref or (str(folder) if folder else self.name),
+                "name": self.name,
+                "sha256": model_fingerprint(folder) if folder else None,
+            }
+        return self._identity
+
+    def decoding_record(self) -> dict[str, Any]:
+        """The settings a file job's results depend on (the batch size is left out: it only
+        groups the same prompts differently)."""
+        return {
+            "max_new_tokens": self.settings.max_new_tokens,
+            "max_labels_per_instruction": self.settings.max_labels_per_instruction,
+            "context_tokens": self.context_tokens,
+            "overlap_tokens": self.settings.overlap_tokens,
+            "repetition_penalty": self.settings.repetition_penalty,
+            "prompt": dataclasses.asdict(self.chat),
+        }
 
     @property
     def chat(self) -> ChatOptions:
@@ -545,6 +639,8 @@ class Extractor:
         for index, (text, schema) in enumerate(docs):
             if not isinstance(text, str) or not text.strip():
                 raise ExtractError(f"document {index}: empty text")
+            check_text(text, f"document {index}: text")
+            _check_labels(schema, f"document {index}: schema")
             windows = self.windows(text, schema)
             window_counts.append(len(windows))
             instructions = schema.instructions(self.settings.max_labels_per_instruction)
@@ -592,11 +688,32 @@ class Extractor:
         return results
 
 
+def _check_labels(schema: ExtractionSchema, where: str) -> None:
+    """Every label encodable (a schema built in code skips :meth:`ExtractionSchema.from_dict`)."""
+    labels = [*schema.entities, *schema.events]
+    for relation in schema.relations:
+        labels += [relation.name, relation.head or "", relation.tail or ""]
+    for roles in schema.events.values():
+        labels += roles
+    for label in labels:
+        check_text(label, f"{where}: label {printable(repr(label))}")
+
+
 def load_model_ref(ref: str, dtype: str = "auto") -> tuple[Any, Any, str]:
     """(model, tokenizer, name) from a saved model directory or an MLflow ``models:/`` URI, in
     ``dtype`` (auto: this machine's fast one, chatuie.precision, whatever it was saved in)."""
+    path, name = resolve_model_ref(ref)
+    return (*_load_dir(path, dtype), name)
+
+
+def _load_dir(path: Path, dtype: str = "auto") -> tuple[Any, Any]:
     from chatuie.modeling import load_saved
 
+    return load_saved(path, dtype=resolve_dtype(dtype, where="--dtype"))
+
+
+def resolve_model_ref(ref: str) -> tuple[Path, str]:
+    """(saved model directory, name) of a directory or an MLflow ``models:/`` URI (downloaded)."""
     if ref.startswith("models:/"):
         try:
             from chatuie.tracking import download_model  # MLflow stays behind chatuie.tracking
@@ -617,7 +734,22 @@ def load_model_ref(ref: str, dtype: str = "auto") -> tuple[Any, Any, str]:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ExtractError(f"{ref}: not a saved model (no config.json / adapter_config.json)")
         name = path.resolve().name
-    return (*load_saved(path, dtype=resolve_dtype(dtype, where="--dtype")), name)
+    return path, name
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 of a saved model directory: every file's relative path, size and bytes (weights,
+    config, tokenizer, chat template). The same model wherever it lies; another after retraining.
+    Reads the weights once (about 1 GB/s)."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = file.relative_to(root).as_posix().encode("utf-8", "surrogateescape")
+        digest.update(name + f"\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,11 +768,13 @@ def read_inputs(path: str | Path) -> list[InputItem]:
     text per line), all validated before anything runs. Default ids are line numbers."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise ExtractError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        raw = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ExtractError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        raise ExtractError(_not_utf8(path, data, err)) from None
     plain = path.suffix == ".txt"
     items: list[InputItem] = []
     seen: dict[str, int] = {}
@@ -666,6 +800,8 @@ def read_inputs(path: str | Path) -> list[InputItem]:
             if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
                 raise ExtractError(f"{where}: field 'id': expected a string or an integer")
             item_id = str(raw_id)
+            check_text(item_id, f"{where}: field 'id'")
+        check_text(text, f"{where}: field 'text'")
         if not text.strip():
             raise ExtractError(f"{where}: field 'text': empty")
         if item_id in seen:
@@ -707,6 +843,125 @@ def _done_ids(out_path: Path, known: set[str]) -> set[str]:
     return done
 
 
+JOB_RECORD_SUFFIX = ".job.json"
+JOB_RECORD_VERSION = 1
+# What a resume must match; the rest of the record (input path, chatuie version, the model's
+# reference) is kept for the reader.
+_JOB_KEYS = ("model", "schema", "decoding")
+
+
+def job_record_path(out_path: str | Path) -> Path:
+    """Where a file job records what it was run with: ``<out>.job.json`` beside its output."""
+    out = Path(out_path)
+    return out.with_name(out.name + JOB_RECORD_SUFFIX)
+
+
+def job_record(extractor: Extractor, schema: ExtractionSchema, in_path: str | Path) -> dict[str, Any]:
+    from chatuie import __version__
+
+    return {
+        "version": JOB_RECORD_VERSION,
+        "model": extractor.model_identity(),
+        "schema": schema.to_dict(),
+        "decoding": extractor.decoding_record(),
+        "input": str(in_path),
+        "chatuie": __version__,
+    }
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to ``path`` through a temporary file renamed over it: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _model_label(model: Any) -> str:
+    if not isinstance(model, dict):
+        return _short(model)
+    digest = model.get("sha256")
+    return f"{model.get('ref') or model.get('name')}" + (f" (sha256 {digest[:12]})" if digest else "")
+
+
+def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a recorded job and this run, one phrase per thing."""
+    out: list[str] = []
+    old_model, new_model = old.get("model"), new["model"]
+    if not isinstance(old_model, dict):
+        out.append(f"model: was {_short(old_model)}, now {_model_label(new_model)}")
+    elif old_model.get("sha256") or new_model.get("sha256"):
+        if old_model.get("sha256") != new_model.get("sha256"):
+            same_ref = old_model.get("ref") == new_model.get("ref")
+            out.append(
+                f"model: {new_model.get('ref')} has changed since (sha256 "
+                f"{str(old_model.get('sha256'))[:12]} -> {str(new_model.get('sha256'))[:12]})"
+                if same_ref
+                else f"model: was {_model_label(old_model)}, now {_model_label(new_model)}"
+            )
+    elif old_model.get("name") != new_model.get("name"):
+        out.append(f"model: was {_model_label(old_model)}, now {_model_label(new_model)}")
+    if old.get("schema") != new["schema"]:
+        out.append(f"schema: was {_short(old.get('schema'))}, now {_short(new['schema'])}")
+    old_decoding = old.get("decoding") if isinstance(old.get("decoding"), dict) else {}
+    for key, value in new["decoding"].items():
+        if key not in old_decoding:
+            out.append(f"{key}: not recorded, now {_short(value)}")
+        elif old_decoding[key] != value:
+            if isinstance(value, dict) and isinstance(old_decoding[key], dict):
+                for sub, sub_value in value.items():
+                    if old_decoding[key].get(sub) != sub_value:
+                        was = _short(old_decoding[key].get(sub))
+                        out.append(f"{key}.{sub}: was {was}, now {_short(sub_value)}")
+            else:
+                out.append(f"{key}: was {_short(old_decoding[key])}, now {_short(value)}")
+    return out
+
+
+def _check_job(out: Path, record: dict[str, Any], resumed: int) -> bool:
+    """Refuse to resume ``out`` with other settings than it was written with; True when the
+    record must be (re)written (a new job, or an output without results yet)."""
+    path = job_record_path(out)
+    if not path.exists():
+        if resumed:
+            raise ExtractError(
+                f"{out}: {resumed} results but no job record ({path.name}) beside them: written by an "
+                "older chatuie, so the model, schema and settings they came from are unknown; pass "
+                "--overwrite to start over (or write to another -o)"
+            )
+        return True
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExtractError(
+            f"{path}: unreadable job record ({err}): delete it and the output, or pass --overwrite"
+        ) from None
+    if not isinstance(old, dict) or any(key not in old for key in _JOB_KEYS):
+        raise ExtractError(f"{path}: not a job record of this tool: pass --overwrite to start over")
+    if not resumed:  # nothing written under the old record: this run's settings replace it
+        return any(old.get(key) != record[key] for key in _JOB_KEYS)
+    differences = _job_differences(old, record)
+    if differences:
+        raise ExtractError(
+            f"{out}: its {resumed} results were made with other settings than this run "
+            f"({path.name}): " + "; ".join(differences) + "; pass --overwrite to start over "
+            "(or write to another -o)"
+        )
+    return False
+
+
 @dataclass
 class FileJobResult:
     total: int
@@ -727,14 +982,22 @@ def extract_file(
 ) -> FileJobResult:
     """Run a file job: one result line per input line, keyed by id, flushed as soon as decoded.
 
-    Inputs are validated before anything is written. An existing output resumes the job: its
-    ids are skipped. Documents are decoded ``chunk_docs`` at a time (default: the batch size).
+    Inputs are validated before anything is written. What the job is run with (model
+    fingerprint, schema, decoding settings) is recorded in ``<out>.job.json`` (written atomically,
+    before the first result); an existing output resumes the job, its ids skipped, only when this
+    run matches that record: otherwise, or without a record (an older chatuie's output), it is
+    refused unless ``overwrite``. Documents are decoded ``chunk_docs`` at a time (default: the
+    batch size).
     """
     items = read_inputs(in_path)
     out = Path(out_path)
-    if overwrite and out.exists():
-        out.unlink()
+    record = job_record(extractor, schema, in_path)
+    if overwrite:
+        out.unlink(missing_ok=True)
+        job_record_path(out).unlink(missing_ok=True)
     done = _done_ids(out, {item.id for item in items})
+    if _check_job(out, record, len(done)):
+        _write_atomic(job_record_path(out), record)
     todo = [item for item in items if item.id not in done]
     chunk = chunk_docs or extractor.settings.batch_size
     written = 0

@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatuie.chat import DEFAULT_OPTIONS, SYSTEM_PROMPT, TEXT_LINE, ChatOptions, ie_user_prompt
-from chatuie.extract import ExtractError, ExtractionSchema, Extractor, SchemaError
+from chatuie.extract import ExtractError, ExtractionSchema, Extractor, SchemaError, printable, text_problem
 from chatuie.records import Schema
 
 log = logging.getLogger(__name__)
@@ -71,18 +71,32 @@ class ServerSettings:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    """An answer with a 4xx/5xx status; ``param`` names the request field at fault (as OpenAI)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        message = printable(message)  # quoted input may hold an unpaired surrogate: never sendable
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param
 
 
-def _error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+def _error_body(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error"
     )
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _check_text(value: str, where: str) -> str:
+    """400 naming ``where`` for text no tokenizer can encode (an unpaired surrogate)."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ApiError(400, f"{where}: {problem}", "invalid_text", where)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,10 +301,11 @@ def _message_text(message: Any, index: int) -> dict[str, str]:
                 or not isinstance(part.get("text"), str)
             ):
                 raise ApiError(400, f"messages[{index}].content[{j}]: only text parts are supported")
-            texts.append(part["text"])
+            texts.append(_check_text(part["text"], f"messages[{index}].content[{j}].text"))
         content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{index}].content: expected a string")
+    _check_text(content, f"messages[{index}].content")
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
@@ -315,9 +330,18 @@ def _parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT
     if body.get("stream"):
         raise ApiError(400, "stream: streaming is not supported by this server", "unsupported")
     model = body.get("model")
+    if model is None:
+        raise ApiError(
+            400, f"model: missing (this server serves {settings.model_name!r})", "missing_model", "model"
+        )
+    if not isinstance(model, str):
+        raise ApiError(400, f"model: expected a string, got {type(model).__name__}", param="model")
     if model != settings.model_name:
         raise ApiError(
-            404, f"model {model!r} not found (this server serves {settings.model_name!r})", "model_not_found"
+            404,
+            f"model {model!r} not found (this server serves {settings.model_name!r})",
+            "model_not_found",
+            "model",
         )
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
@@ -446,6 +470,7 @@ def _parse_extract(body: Any, settings: ServerSettings) -> tuple[str, Extraction
     text = body.get("text")
     if not isinstance(text, str):
         raise ApiError(400, "text: expected a string" if "text" in body else "text: missing")
+    _check_text(text, "text")
     if not text.strip():
         raise ApiError(400, "text: empty")
     if len(text) > settings.max_text_chars:
@@ -470,9 +495,11 @@ async def _await(future: Future) -> Any:
         raise
     except ExtractError as err:
         raise ApiError(400, str(err)) from None
-    except Exception as err:
-        log.exception("model call failed")
-        raise ApiError(500, f"internal error: {type(err).__name__}: {err}"[:500]) from None
+    except Exception:
+        # The details are for the server's log, not for clients (they may show paths and internals).
+        ref = uuid.uuid4().hex[:12]
+        log.exception("model call failed (ref %s)", ref)
+        raise ApiError(500, f"internal error (ref {ref}; details in the server log)") from None
 
 
 def create_app(extractor: Extractor, settings: ServerSettings | None = None) -> Any:
@@ -498,7 +525,8 @@ def create_app(extractor: Extractor, settings: ServerSettings | None = None) -> 
     async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
         app.state.counts["errors"] += 1
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(_error_body(err.status, err.message, err.code), err.status, headers=headers)
+        body = _error_body(err.status, err.message, err.code, err.param)
+        return JSONResponse(body, err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
