@@ -8,6 +8,7 @@ dataclass its stage builds, as that stage does (``section`` of tasks/_stage.py),
 ``prepare.datasets`` must exist. A mistake stops `dvc repro` here, nothing deleted:
 
     error: params.yaml: sft.train.max_stepz: unknown key (known: ...)
+    error: params.yaml: sft.train.max_steps: expected an integer >= 1, got -3   (chatuie.config.RANGES)
 
 Every mistake found is printed (one line each, section by section), then exit status 1. On success
 it writes reports/params_check.json, whose content never depends on the params: the stages after it
@@ -70,7 +71,7 @@ def _judge(data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(known)})")
-    return cls.from_dict(data)
+    return cls.from_dict(data, where)
 
 
 def _checked(where: str, make: Callable[[], Any]) -> Any:

@@ -52,7 +52,9 @@ def configs() -> tuple[RewardDataConfig, HeldoutSplit, JudgeConfig]:
         params = load_params(Path("params.yaml"))
         # The held-out slice is the sft stage's (sft.heldout): both stages must agree on it.
         heldout = build(HeldoutSplit, (params.get("sft") or {}).get("heldout"), "params.yaml: sft.heldout")
-        judge = JudgeConfig.from_dict(params.get("judge") or {})
+        judge = JudgeConfig.from_dict(params.get("judge") or {}, "params.yaml: judge")
+    except ConfigError:
+        raise
     except ValueError as err:  # __post_init__ checks
         raise ConfigError(f"params.yaml: {err}") from None
     return config, heldout, judge

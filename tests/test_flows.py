@@ -118,7 +118,7 @@ def test_stage_graph_is_dvcs(smoke_run) -> None:
     assert set(by_name["sft"].upstream) == {"check_params", "base", "samples", "validate"}
     assert by_name["evaluate@sft"].metrics == ("metrics/sft.json",)
     samples = stage_graph(smoke_run.snapshot, ["samples"])
-    assert [n.name for n in samples] == ["check_params", "prepare", "samples"]
+    assert [n.name for n in samples] == ["check_raw", "check_params", "prepare", "samples"]
 
 
 # ---------------------------------------------------------------------------------------- ephemeral
@@ -255,7 +255,7 @@ def test_served_deployment_on_a_prefect_server(smoke_run, prefect_server, tmp_pa
             )
             assert done.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
             _, task_runs, artifacts = _read_back(run.id)
-            assert set(task_runs) == {"check_params", "prepare", "samples"}
+            assert set(task_runs) == {"check_raw", "check_params", "prepare", "samples"}
             assert any(a.key == "chatuie-pipeline" and "| samples | skipped |" in a.data for a in artifacts)
 
             # The server's scheduler fills in the schedule's next runs (03:00 UTC).

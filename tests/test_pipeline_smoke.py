@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_repo import run
+from pipeline_repo import run, up_to_date
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_training_wrote_loss_curves_and_metrics_show_them(smoke_repo: Path) -> N
 
 def test_rerun_is_up_to_date_and_forced_eval_is_deterministic(smoke_repo: Path) -> None:
     status = run(["dvc", "status"], smoke_repo).stdout
-    assert "up to date" in status
+    assert up_to_date(status), status
     before = _metrics(smoke_repo, "sft")
     run(["dvc", "repro", "--force", "--single-item", "evaluate@sft"], smoke_repo)
     after = _metrics(smoke_repo, "sft")
