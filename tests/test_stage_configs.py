@@ -35,7 +35,7 @@ def test_bad_constraint_modes_name_the_field(section: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text, value", [("5e-05", 5e-05), ("1E-4", 1e-4), ("-2.5e+3", -2500.0), (".5e1", 5.0)]
+    "text, value", [("5e-05", 5e-05), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5e1", 5.0)]
 )
 def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: float) -> None:
     # `dvc exp run -S rl.grpo.learning_rate=5e-5` writes 5e-05, which PyYAML reads as a string
@@ -45,6 +45,9 @@ def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: f
     path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")
     config = build(RLStageConfig, load_params(path)["rl"], "params.yaml: rl")
     assert config.grpo.learning_rate == value and isinstance(config.grpo.learning_rate, float)
+    # A signed one reads as a float too (a learning rate refuses it as out of range: it must be > 0).
+    path.write_text(f"promote:\n  min_f1_gain: -{text}\n")
+    assert load_params(path)["promote"]["min_f1_gain"] == -value
 
 
 @pytest.mark.parametrize("text", ["'fast'", "5e", "e-5", "1e-5x"])
