@@ -1,9 +1,9 @@
 """Which floating-point dtype this machine computes fast: ``auto`` resolves to bfloat16 only there.
 
 bfloat16 halves memory and, on hardware that multiplies it natively, doubles matmul speed. Without
-that hardware PyTorch emulates it: on a 2-core AMD EPYC with AVX2 only (Zen 3) a bfloat16 matmul of
-256 x 640 x 2048 took 1,319 ms against 23.8 ms in float32, 55x slower (bench/results/precision_*.json),
-and an SFT step of the default never finished. So ``auto`` (the default of every dtype setting) is:
+that hardware PyTorch emulates it: on a 2-core AMD EPYC with AVX2 only (Zen 3) bfloat16 matmuls ran
+55-166x slower than float32 (bench/results/precision_avx2.json), and the default's SFT crawled.
+So ``auto`` (the default of every dtype setting) is:
 
 * CUDA: bfloat16 where the GPU supports it (``torch.cuda.is_bf16_supported()``), else float32;
 * CPU: bfloat16 with AMX-BF16 or AVX-512 BF16 (oneDNN's native bfloat16 kernels), else float32.
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = ("auto", *DTYPES)
-# Measured on the AVX2 EPYC (bench/precision.py): bfloat16 GEMM time / float32 GEMM time.
+# The least of what was measured on the AVX2 EPYC (bench/precision.py): bfloat16 / float32 GEMM time.
 EMULATED_BF16_SLOWDOWN = 55
 
 # oneDNN's ISA names, lowest first; native bfloat16 dot products start at AVX512_CORE_BF16.
@@ -122,8 +122,8 @@ def resolve_dtype(requested: str, device: ComputeDevice | None = None, *, where:
     if requested == "bfloat16" and not device.native_bf16 and (where, device) not in _warned:
         _warned.add((where, device))
         log.warning(
-            "%s: bfloat16 on %s is emulated (%s): its matrix products run about %dx slower than "
-            "float32 here; `auto` would choose float32",
+            "%s: bfloat16 on %s is emulated (%s): its matrix products run %dx slower than float32 "
+            "here, or more; `auto` would choose float32",
             where,
             device.describe(),
             device.why,
