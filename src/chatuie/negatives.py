@@ -22,9 +22,9 @@ type                   tasks    edit
                                 items; with one, that is ``missing``)
 =====================  =======  ================================================================
 
-``emptied`` is there because a policy can learn to answer nothing: session 12's PPO model answered
+``emptied`` is there because a policy can learn to answer nothing: an earlier PPO model answered
 every Resume record with empty lists under a reward model that had never seen gold next to an
-empty answer. ``spurious_relation`` is there for the opposite: session 19's PPO model listed one
+empty answer. ``spurious_relation`` is there for the opposite: another PPO model listed one
 entity pair under every relation type (232 CoNLL04 relations for 64 gold) under a reward model whose
 negatives only ever dropped or changed relations, never added one.
 

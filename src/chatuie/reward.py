@@ -323,7 +323,7 @@ class RewardTrainSettings:
     max_steps: int = 100
     learning_rate: float = 1e-4
     # The score head's own rate (None: learning_rate). The head starts at zero and is one vector;
-    # at the backbone's rate it moved so little in 20 steps that pairs stayed near ties (session 11).
+    # at the backbone's rate it moved so little in 20 steps that pairs stayed near ties.
     head_learning_rate: float | None = None
     per_device_batch_size: int = 8  # pairs per step (twice as many sequences)
     gradient_accumulation: int = 1
@@ -395,7 +395,7 @@ def load_reward_base(sft_dir: str | Path):
     # A zero head: every pair starts at the Bradley-Terry loss ln 2 and the first steps learn
     # what tells the answers apart. The seeded random head gave Gemma's large final hidden
     # states scores several units apart (first loss 7.8), and 20 steps went into shrinking it
-    # (margins ~0.01, accuracy at chance; session 10).
+    # (margins ~0.01, accuracy at chance).
     torch.nn.init.zeros_(head.weight)
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)
