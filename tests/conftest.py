@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -43,3 +45,17 @@ def smoke_repo(smoke_run, tmp_path_factory) -> Path:
     from smoke_pipeline import clone
 
     return clone(smoke_run.snapshot, tmp_path_factory.mktemp("smoke-copy") / "repo")
+
+
+def params_with(tmp_path: Path, base: str = "params.yaml", **dotted: Any) -> Path:
+    """``base`` (a params file of the repo) with ``section__key=value`` overrides: tmp_path/params.yaml."""
+    params = yaml.safe_load((ROOT / base).read_text())
+    for key, value in dotted.items():
+        *parents, leaf = key.split("__")
+        node = params
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path

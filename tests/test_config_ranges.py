@@ -10,12 +10,10 @@ import dataclasses
 import math
 import types
 import typing
-from pathlib import Path
 
 import pytest
-import yaml
 from check_params import SECTIONS, _config_class, check
-from conftest import ROOT
+from conftest import params_with
 
 from chatuie.config import ConfigError, build, range_of
 
@@ -83,18 +81,6 @@ def test_every_default_is_in_its_range() -> None:
     assert wrong == []
 
 
-def _params(tmp_path: Path, **dotted: typing.Any) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, value in dotted.items():
-        *parents, leaf = key.split("__")
-        node = params
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
@@ -119,7 +105,7 @@ def _params(tmp_path: Path, **dotted: typing.Any) -> Path:
     ],
 )
 def test_a_number_out_of_range_is_refused_with_its_key(tmp_path, key, value, expected) -> None:
-    path = _params(tmp_path, **{key.replace(".", "__"): value})
+    path = params_with(tmp_path, **{key.replace(".", "__"): value})
     errors = check(path)
     if expected is None:  # a mapping of numbers: the entry is named
         (name, number), *_ = value.items()
@@ -132,7 +118,7 @@ def test_a_number_out_of_range_is_refused_with_its_key(tmp_path, key, value, exp
 
 
 def test_edges_that_mean_something_pass(tmp_path) -> None:
-    path = _params(
+    path = params_with(
         tmp_path,
         sft__train__save_steps=0,  # no checkpoints
         sft__threads=0,  # torch's default

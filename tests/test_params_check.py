@@ -13,21 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from check_params import SECTIONS, check
-from conftest import ROOT
+from conftest import ROOT, params_with
 from pipeline_repo import make_repo, run, tool_env
-
-
-def _params(tmp_path: Path, base: str = "params.smoke.yaml", **sections) -> Path:
-    params = yaml.safe_load((ROOT / base).read_text())
-    for dotted, value in sections.items():
-        *parents, leaf = dotted.split("__")
-        node = params
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 @pytest.fixture()
@@ -61,8 +48,9 @@ def test_every_section_of_the_default_is_checked() -> None:
 
 
 def test_mistakes_name_the_file_and_key(tmp_path, smoke_data: Path) -> None:
-    path = _params(
+    path = params_with(
         tmp_path,
+        "params.smoke.yaml",
         sft__train__max_stepz=3,
         rl__grpo__learning_rate="fast",
         judge__modle="x",
@@ -77,7 +65,8 @@ def test_mistakes_name_the_file_and_key(tmp_path, smoke_data: Path) -> None:
 
 
 def test_a_cross_section_refusal_of_prepare_too(tmp_path, smoke_data: Path) -> None:
-    path = _params(tmp_path, evaluate__zero_shot=["resume"])  # resume is taught (sft.datasets)
+    # resume is taught (sft.datasets)
+    path = params_with(tmp_path, "params.smoke.yaml", evaluate__zero_shot=["resume"])
     errors = check(path)
     # prepare's refusal (evaluate.zero_shot against sft.datasets), besides evaluate's own
     prepare = f"{path}: evaluate.zero_shot: 'resume' is also in sft.datasets"
