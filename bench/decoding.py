@@ -35,14 +35,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from chatuie.allocator import keep_freed_memory
-from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
-from chatuie.constrained import IEConstraintProcessor, IERequest, clear_caches, token_table
+from chatuie.data.answers import render
+from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
+from chatuie.data.records import Record, Schema
+from chatuie.decoding import IEConstraintProcessor, IERequest, clear_caches, token_table
 from chatuie.io import read_jsonl
-from chatuie.modeling import load_saved, merge_lora
-from chatuie.output_format import render
-from chatuie.precision import current_device, resolve_dtype
-from chatuie.records import Record, Schema
+from chatuie.models.modeling import load_saved, merge_lora
+from chatuie.models.precision import current_device, resolve_dtype
+from chatuie.train.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "data" / "records"
@@ -305,10 +305,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decoding.json")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the constrained runs here")
     parser.add_argument(
-        "--glibc-default", action="store_true", help="leave glibc's allocator as it is (no chatuie.allocator)"
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's allocator as it is (no chatuie.train.allocator)",
     )
     args = parser.parse_args()
-    # As the evaluate stage runs: freed memory kept for reuse (chatuie.allocator), unless asked not to.
+    # As the evaluate stage runs: freed memory kept for reuse (chatuie.train.allocator), unless asked not to.
     kept_freed_memory = False if args.glibc_default else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -442,7 +444,7 @@ def main() -> None:
         "decoding": "greedy",
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
-        "allocator": "keep freed memory (chatuie.allocator)" if kept_freed_memory else "glibc default",
+        "allocator": "keep freed memory (chatuie.train.allocator)" if kept_freed_memory else "glibc default",
         "device": "cuda" if next(model.parameters()).is_cuda else "cpu",
         "machine": platform.machine(),
         "cpu_class": current_device("cpu").describe(),

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chatuie.precision import current_device, resolve_dtype  # noqa: E402
+from chatuie.models.precision import current_device, resolve_dtype  # noqa: E402
 
 # (m, k, n): tokens x in x out
 SHAPES = {

@@ -30,10 +30,10 @@ from typing import Any
 import httpx
 import torch
 
-from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
-from chatuie.extract import ExtractionSchema, Extractor, ExtractSettings
-from chatuie.modeling import TinyModelConfig, build_tiny_model, load_saved, train_tokenizer
-from chatuie.server import BackgroundServer, ServerSettings, create_app
+from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
+from chatuie.models.modeling import TinyModelConfig, build_tiny_model, load_saved, train_tokenizer
+from chatuie.serve.extract import ExtractionSchema, Extractor, ExtractSettings
+from chatuie.serve.server import BackgroundServer, ServerSettings, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [

@@ -2,7 +2,7 @@
 
 For each variant (dtype of the base weights, LoRA or full fine-tuning, LoRA on the upper layers only,
 padding-free packing instead of length-grouped batches, torch.compile), one process builds TRL's
-``SFTTrainer`` exactly as the ``sft`` stage does (``chatuie.training.sft_trainer`` on the samples
+``SFTTrainer`` exactly as the ``sft`` stage does (``chatuie.train.trainer.sft_trainer`` on the samples
 the stage selects, params.yaml's ``sft`` section) and measures:
 
 * ``bare``: ``model(**batch).loss.backward()`` + AdamW step over the trainer's own batches (its
@@ -10,7 +10,7 @@ the stage selects, params.yaml's ``sft`` section) and measures:
 * ``trainer``: ``trainer.train()`` for the same number of steps, timed between step ends.
 
 The first step of each is warm-up and not counted. Tokens are non-padding input tokens. The process
-keeps freed memory for reuse as every stage does (chatuie.allocator); ``--glibc-default`` measures
+keeps freed memory for reuse as every stage does (chatuie.train.allocator); ``--glibc-default`` measures
 glibc's own allocator instead. Results go to ``bench/results/train.json``; the ratio bare / trainer
 tokens/s is the trainer's overhead, and samples/s is what F1 per CPU-minute follows. Other
 processes on the machine slow both loops: the load average is recorded beside the numbers.
@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT / "tasks"))
 
 from sft import SFTStageConfig, select_samples  # noqa: E402  (the stage's own sample selection)
 
-from chatuie.allocator import keep_freed_memory  # noqa: E402
 from chatuie.config import build, load_params  # noqa: E402
 from chatuie.io import read_jsonl  # noqa: E402
-from chatuie.modeling import LoraSettings, ModelConfig, load_model  # noqa: E402
-from chatuie.precision import current_device, resolve_dtype  # noqa: E402
-from chatuie.training import fitting_samples, sft_trainer  # noqa: E402
+from chatuie.models.modeling import LoraSettings, ModelConfig, load_model  # noqa: E402
+from chatuie.models.precision import current_device, resolve_dtype  # noqa: E402
+from chatuie.train.allocator import keep_freed_memory  # noqa: E402
+from chatuie.train.trainer import fitting_samples, sft_trainer  # noqa: E402
 
 ALL_LINEAR = ["all-linear"]
 # name -> (base dtype, LoRA changes (None: full fine-tuning), TeachSettings changes, compile). LoRA
@@ -63,12 +63,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], bool]] = {
     "lora-bf16-bf16adapters-upper-half": ("bfloat16", {**BF16_ADAPTERS, "layers": "upper-half"}, {}, False),
     "lora-bf16-bf16adapters-packing": ("bfloat16", BF16_ADAPTERS, {"packing": True}, False),
     "lora-bf16-bf16adapters-compile": ("bfloat16", BF16_ADAPTERS, {}, True),
-    # chatuie.answer_loss instead of TRL's chunked float32 head
+    # chatuie.train.answer_loss instead of TRL's chunked float32 head
     "lora-bf16-nodropout-answerloss": ("bfloat16", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
     "lora-bf16-bf16adapters-answerloss": ("bfloat16", BF16_ADAPTERS, {"loss_type": "answer_nll"}, False),
     "lora-fp32": ("float32", NO_DROPOUT, {}, False),
     "lora-fp32-answerloss": ("float32", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
-    # the default's settings in the dtype `auto` resolves to on this machine (chatuie.precision)
+    # the default's settings in the dtype `auto` resolves to on this machine (chatuie.models.precision)
     "lora-auto-answerloss": ("auto", NO_DROPOUT, {"loss_type": "answer_nll"}, False),
     "full-fp32": ("float32", None, {}, False),
 }
@@ -172,7 +172,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
     parser.add_argument(
-        "--glibc-default", action="store_true", help="leave glibc's allocator as it is (no chatuie.allocator)"
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's allocator as it is (no chatuie.train.allocator)",
     )
     args = parser.parse_args()
     kept_freed_memory = False if args.glibc_default else keep_freed_memory()
@@ -195,7 +197,7 @@ def main() -> None:
         "model": str(args.model),
         "threads": args.threads,
         "steps": args.steps,
-        "allocator": "keep freed memory (chatuie.allocator)" if kept_freed_memory else "glibc default",
+        "allocator": "keep freed memory (chatuie.train.allocator)" if kept_freed_memory else "glibc default",
         "machine": {
             "cpus": os.cpu_count(),
             "cpu_class": current_device("cpu").describe(),

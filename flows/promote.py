@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from chatuie import tracking
 from chatuie.config import build, load_params
-from chatuie.gate import PromotionPolicy
+from chatuie.eval.gate import PromotionPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "chatuie-promotion"

@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chatuie.allocator import keep_freed_memory
 from chatuie.config import ConfigError, build, load_params
-from chatuie.packaged import PackagedModelError
-from chatuie.precision import lineage
-from chatuie.records import ConversionError
+from chatuie.data.records import ConversionError
+from chatuie.models.packaged import PackagedModelError
+from chatuie.models.precision import lineage
 from chatuie.tracking import PlotFile, StageInfo, TrackingError, log_run_params, stage_run, tracking_enabled
+from chatuie.train.allocator import keep_freed_memory
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def run(
     ``stage``: the DVC stage name, when the command line alone does not identify it.
     ``track=False``: a command that is no stage (a CLI) runs untracked.
     ``reuse_freed_memory``: big tensors reuse freed heap memory instead of page-faulting it in
-    again (chatuie.allocator; faster, but the process keeps its peak memory).
+    again (chatuie.train.allocator; faster, but the process keeps its peak memory).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if reuse_freed_memory:

@@ -4,7 +4,7 @@
 samples, a seeded Llama-architecture model sized in params, then taught to answer questions
 (WebQA train part, C-Eval dev) so it has measurable chat ability before IE training, and to repeat
 training texts (`base.repeat_samples`): copying spans is most of what SFT then asks.
-A packaged model (`gemma3-270m`: Gemma 3 270M from the package registry, chatuie.packaged) is
+A packaged model (`gemma3-270m`: Gemma 3 270M from the package registry, chatuie.models.packaged) is
 assembled from its installed package, dequantized and saved as safetensors with a marked chat
 template and its license files. Any other `model.base` (hub id or local directory) is loaded as is
 and saved to models/base/.
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from _stage import record_precision, run, section, set_threads
 
-from chatuie.chat import repeat_samples
+from chatuie.data.prompts import repeat_samples
 from chatuie.io import read_jsonl, write_json
-from chatuie.modeling import NOTE_FILE, ModelConfig, chat_texts, load_model, packaged_dtype, save_model
-from chatuie.packaged import convert, packaged_name
-from chatuie.precision import resolve_dtype
-from chatuie.training import TeachSettings, claim_checkpoints, file_digest, teach_to_answer
+from chatuie.models.modeling import NOTE_FILE, ModelConfig, chat_texts, load_model, packaged_dtype, save_model
+from chatuie.models.packaged import convert, packaged_name
+from chatuie.models.precision import resolve_dtype
+from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, teach_to_answer
 
 OUT = Path("models/base")
 

@@ -34,20 +34,20 @@ OUT = Path("reports/params_check.json")
 # section -> (module, class): what the stage reading that section builds it with. Stage scripts'
 # own configs are imported from tasks/ (on sys.path as this script's folder).
 SECTIONS: dict[str, tuple[str, str]] = {
-    "prepare": ("chatuie.prepare", "PrepareConfig"),
-    "samples": ("chatuie.samples", "SamplesConfig"),
-    "validate": ("chatuie.validation", "ValidateConfig"),
-    "model": ("chatuie.modeling", "ModelConfig"),
+    "prepare": ("chatuie.data.prepare", "PrepareConfig"),
+    "samples": ("chatuie.data.samples", "SamplesConfig"),
+    "validate": ("chatuie.data.validation", "ValidateConfig"),
+    "model": ("chatuie.models.modeling", "ModelConfig"),
     "base": ("base", "BaseStageConfig"),
     "sft": ("sft", "SFTStageConfig"),
     "evaluate": ("evaluate", "EvaluateStageConfig"),
-    "report": ("chatuie.report", "ReportConfig"),
-    "judge": ("chatuie.judge", "JudgeConfig"),
-    "reward_data": ("chatuie.reward", "RewardDataConfig"),
+    "report": ("chatuie.eval.report", "ReportConfig"),
+    "judge": ("chatuie.reward.judge", "JudgeConfig"),
+    "reward_data": ("chatuie.reward.model", "RewardDataConfig"),
     "rm": ("rm", "RMStageConfig"),
     "rl": ("rl", "RLStageConfig"),
     "register": ("register", "RegisterConfig"),
-    "promote": ("chatuie.gate", "PromotionPolicy"),
+    "promote": ("chatuie.eval.gate", "PromotionPolicy"),
     "flow": ("flows.pipeline", "FlowConfig"),
 }
 
@@ -108,7 +108,7 @@ def check(params_path: Path) -> list[str]:
         except ConfigError as err:
             errors.append(str(err))
     if "prepare" in built:  # what prepare refuses before any training (evaluate.zero_shot vs sft)
-        from chatuie.prepare import check_zero_shot
+        from chatuie.data.prepare import check_zero_shot
 
         evaluate, sft = params.get("evaluate") or {}, params.get("sft") or {}
         try:

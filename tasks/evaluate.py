@@ -15,9 +15,11 @@ from pathlib import Path
 
 from _stage import record_precision, run, section, set_threads
 
-from chatuie.chat import ChatOptions
 from chatuie.config import ConfigError
-from chatuie.evaluation import (
+from chatuie.data.prepare import load_records
+from chatuie.data.prompts import ChatOptions
+from chatuie.data.samples import SamplesConfig
+from chatuie.eval.evaluation import (
     EvalSettings,
     _subsample,
     evaluate_ceval,
@@ -26,10 +28,8 @@ from chatuie.evaluation import (
     protocol_digest,
 )
 from chatuie.io import atomic_open, write_json, write_jsonl
-from chatuie.modeling import load_saved, merge_lora
-from chatuie.precision import resolve_dtype
-from chatuie.prepare import load_records
-from chatuie.samples import SamplesConfig
+from chatuie.models.modeling import load_saved, merge_lora
+from chatuie.models.precision import resolve_dtype
 
 IE_TEST = {"resume": "test", "conll04": "test", "fewfc": "test"}
 

@@ -7,8 +7,7 @@ from pathlib import Path
 from _stage import run, section
 
 from chatuie.config import load_params
-from chatuie.io import write_json
-from chatuie.prepare import (
+from chatuie.data.prepare import (
     PrepareConfig,
     check_zero_shot,
     convert_all,
@@ -16,6 +15,7 @@ from chatuie.prepare import (
     write_records,
     write_user_extras,
 )
+from chatuie.io import write_json
 
 
 def main() -> None:

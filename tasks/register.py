@@ -18,9 +18,9 @@ from pathlib import Path
 
 from _stage import run, section
 
-from chatuie.comparison import record_scores
 from chatuie.config import ConfigError
-from chatuie.gate import Baseline, PromotionPolicy
+from chatuie.eval.comparison import record_scores
+from chatuie.eval.gate import Baseline, PromotionPolicy
 from chatuie.io import write_json
 from chatuie.tracking import promote, register_model
 

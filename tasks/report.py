@@ -11,7 +11,7 @@ from pathlib import Path
 from _stage import run, section
 
 from chatuie.config import ConfigError
-from chatuie.report import ReportConfig, ReportError, write_report
+from chatuie.eval.report import ReportConfig, ReportError, write_report
 
 
 def main() -> None:

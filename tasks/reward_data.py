@@ -23,12 +23,12 @@ from typing import Any
 from _stage import record_precision, run, section, set_threads
 
 from chatuie.config import ConfigError, build, load_params
+from chatuie.data.prepare import load_records
+from chatuie.data.records import Record
+from chatuie.data.samples import SamplesConfig
 from chatuie.io import write_json, write_jsonl
-from chatuie.judge import Judge, JudgeConfig
-from chatuie.negatives import ConfusionTable
-from chatuie.prepare import load_records
-from chatuie.records import Record
-from chatuie.reward import (
+from chatuie.reward.judge import Judge, JudgeConfig
+from chatuie.reward.model import (
     HeldoutSplit,
     Instruction,
     RewardDataConfig,
@@ -40,7 +40,7 @@ from chatuie.reward import (
     sample_answers,
     sample_records,
 )
-from chatuie.samples import SamplesConfig
+from chatuie.reward.negatives import ConfusionTable
 
 RECORDS = Path("data/records")
 OUT = Path("data/reward")
@@ -128,8 +128,8 @@ def main() -> None:
         jobs, records_used = judged_instructions(config, heldout, chat)
         metrics["judged"].update(records=records_used, prompts=len(jobs))
         if jobs:
-            from chatuie.modeling import load_saved
-            from chatuie.precision import resolve_dtype
+            from chatuie.models.modeling import load_saved
+            from chatuie.models.precision import resolve_dtype
 
             # Sampled in this machine's fast dtype, whatever the SFT weights were saved in.
             dtype = resolve_dtype("auto")

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from _stage import run, section, set_threads
 
-from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
+from chatuie.data.prepare import load_records
+from chatuie.data.prompts import save_prompt_options
+from chatuie.data.samples import SamplesConfig
 from chatuie.io import write_json
-from chatuie.modeling import full_weights, load_saved, merge_lora, save_model
-from chatuie.prepare import load_records
-from chatuie.reward import load_reward_model
-from chatuie.rl import (
+from chatuie.models.modeling import full_weights, load_saved, merge_lora, save_model
+from chatuie.reward.model import load_reward_model
+from chatuie.rl.trainer import (
     GRPOSettings,
     PPOSettings,
     RLConfig,
@@ -34,8 +35,7 @@ from chatuie.rl import (
     train_grpo,
     train_ppo,
 )
-from chatuie.samples import SamplesConfig
-from chatuie.training import TrainingProgress, claim_checkpoints, file_digest
+from chatuie.train.trainer import TrainingProgress, claim_checkpoints, file_digest
 
 SFT = Path("models/sft")
 RM = Path("models/rm")

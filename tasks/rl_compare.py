@@ -14,7 +14,7 @@ from pathlib import Path
 
 from _stage import run
 
-from chatuie.comparison import compare_runs, paired_gain, record_scores
+from chatuie.eval.comparison import compare_runs, paired_gain, record_scores
 from chatuie.io import read_json, write_json
 
 

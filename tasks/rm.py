@@ -16,9 +16,8 @@ from _stage import record_precision, run, section, set_threads
 
 from chatuie.config import ConfigError
 from chatuie.io import atomic_open, read_jsonl, write_json
-from chatuie.launch import LaunchSettings, is_main_process, relaunch
-from chatuie.precision import resolve_autocast
-from chatuie.reward import (
+from chatuie.models.precision import resolve_autocast
+from chatuie.reward.model import (
     RewardTrainSettings,
     load_reward_base,
     pairwise_accuracy,
@@ -26,6 +25,7 @@ from chatuie.reward import (
     save_reward_model,
     train_reward_model,
 )
+from chatuie.train.launch import LaunchSettings, is_main_process, relaunch
 
 OUT = Path("models/rm")
 
@@ -37,7 +37,7 @@ class RMStageConfig:
     train: RewardTrainSettings = field(default_factory=RewardTrainSettings)
     train_accuracy_pairs: int = 200  # training pairs re-scored after training (fit check; 0 = none)
     threads: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.launch)
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.train.launch)
 
 
 def main() -> None:

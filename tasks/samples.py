@@ -6,9 +6,9 @@ from pathlib import Path
 
 from _stage import run, section
 
+from chatuie.data.prepare import load_records
+from chatuie.data.samples import SamplesConfig, build_all, write_samples
 from chatuie.io import write_json
-from chatuie.prepare import load_records
-from chatuie.samples import SamplesConfig, build_all, write_samples
 
 
 def main() -> None:

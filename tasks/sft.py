@@ -15,15 +15,15 @@ from pathlib import Path
 from _stage import record_precision, run, section, set_threads
 from base import write_loss_curve
 
-from chatuie.chat import save_prompt_options
 from chatuie.config import ConfigError
+from chatuie.data.prompts import save_prompt_options
+from chatuie.data.samples import SamplesConfig
 from chatuie.io import read_jsonl, write_json
-from chatuie.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
-from chatuie.modeling import ModelConfig, load_model, merge_lora, save_model
-from chatuie.precision import resolve_dtype
-from chatuie.reward import HeldoutSplit, is_heldout
-from chatuie.samples import SamplesConfig
-from chatuie.training import TeachSettings, claim_checkpoints, file_digest, train_sft
+from chatuie.models.modeling import ModelConfig, load_model, merge_lora, save_model
+from chatuie.models.precision import resolve_dtype
+from chatuie.reward.model import HeldoutSplit, is_heldout
+from chatuie.train.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
+from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, train_sft
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SFTStageConfig:
     train: TeachSettings = field(default_factory=TeachSettings)
     merge_lora: bool = False
     threads: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.launch)
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.train.launch)
     seed: int = 13
 
     def __post_init__(self) -> None:

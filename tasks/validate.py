@@ -11,15 +11,15 @@ from pathlib import Path
 
 from _stage import run, section
 
-from chatuie.io import read_jsonl, write_json
-from chatuie.prepare import load_records
-from chatuie.validation import (
+from chatuie.data.prepare import load_records
+from chatuie.data.validation import (
     ValidateConfig,
     failure_message,
     record_tables,
     run_suites,
     sample_tables,
 )
+from chatuie.io import read_jsonl, write_json
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""chatuie.allocator: freed big tensors are reused, not page-faulted in again (glibc, Linux)."""
+"""chatuie.train.allocator: freed big tensors are reused, not page-faulted in again (glibc, Linux)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 PROBE = """
 import json, resource, sys
 import torch
-from chatuie.allocator import keep_freed_memory
+from chatuie.train.allocator import keep_freed_memory
 applied = keep_freed_memory()
 def faulted_mib(mib):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

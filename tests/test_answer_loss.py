@@ -1,4 +1,4 @@
-"""The answer-token loss (chatuie.answer_loss): the same loss and gradients as TRL's chunked loss,
+"""The answer-token loss (chatuie.train.answer_loss): the same loss and gradients as TRL's chunked loss,
 and a model that trains under it. CPU, tiny sizes."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_modeling import CORPUS_EXTRA, SAMPLES, TINY, chat, settings
 
-from chatuie import answer_loss
-from chatuie.answer_loss import answer_token_loss
 from chatuie.config import ConfigError
-from chatuie.modeling import build_tiny_model, chat_texts, generate, train_tokenizer
-from chatuie.training import sft_trainer, teach_to_answer
+from chatuie.models.modeling import build_tiny_model, chat_texts, generate, train_tokenizer
+from chatuie.train import answer_loss
+from chatuie.train.answer_loss import answer_token_loss
+from chatuie.train.trainer import sft_trainer, teach_to_answer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from chatuie.chat import ChatOptions, build_samples, instruction_schemas
+from chatuie.data.answers import ground, render
+from chatuie.data.prepare import PrepareConfig, convert_all
+from chatuie.data.prompts import ChatOptions, build_samples, instruction_schemas
+from chatuie.data.records import Record, Schema
+from chatuie.data.samples import SamplesConfig, build_all, sample_split
 from chatuie.io import dumps_compact
-from chatuie.output_format import ground, render
-from chatuie.prepare import PrepareConfig, convert_all
-from chatuie.records import Record, Schema
-from chatuie.samples import SamplesConfig, build_all, sample_split
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_decontamination_removes_test_texts(records) -> None:
 
 
 def test_repeat_samples_copy_training_texts() -> None:
-    from chatuie.chat import REPEAT_TASK, TEXT_LINE, ie_user_prompt, messages_for, repeat_samples
-    from chatuie.records import Schema
+    from chatuie.data.prompts import REPEAT_TASK, TEXT_LINE, ie_user_prompt, messages_for, repeat_samples
+    from chatuie.data.records import Schema
 
     texts = ["张三在北京工作。", "John lives in Paris .", "张三在北京工作。"]
     samples = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatuie.training import claim_checkpoints, file_digest
+from chatuie.train.trainer import claim_checkpoints, file_digest
 
 
 def test_same_identity_resumes_other_identity_does_not(tmp_path: Path) -> None:

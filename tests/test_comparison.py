@@ -1,5 +1,5 @@
-"""Paired comparisons on the same test records (chatuie.comparison), the gate's interval rule
-(chatuie.gate), and the `rl_compare` stage script on evaluate-shaped outputs."""
+"""Paired comparisons on the same test records (chatuie.eval.comparison), the gate's interval rule
+(chatuie.eval.gate), and the `rl_compare` stage script on evaluate-shaped outputs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from chatuie.comparison import compare_runs, dataset_scores, paired_gain, prediction_rows, record_scores
-from chatuie.gate import PromotionPolicy, decide
-from chatuie.metrics import IEScorer
-from chatuie.records import Entity
+from chatuie.data.records import Entity
+from chatuie.eval.comparison import compare_runs, dataset_scores, paired_gain, prediction_rows, record_scores
+from chatuie.eval.gate import PromotionPolicy, decide
+from chatuie.eval.metrics import IEScorer
 
 TYPES = ["NAME", "ORG", "TITLE"]
 

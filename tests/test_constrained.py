@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from chatuie.constrained import (
+from chatuie.data.answers import ground
+from chatuie.data.records import Schema
+from chatuie.decoding import (
     AnswerRepetitionPenalty,
     IEConstraintProcessor,
     IEGrammar,
@@ -26,8 +28,6 @@ from chatuie.constrained import (
     token_table,
     word_edges,
 )
-from chatuie.output_format import ground
-from chatuie.records import Schema
 
 # JSON punctuation next to words, so merges straddle span edges (e.g. '":["John').
 CORPUS = [

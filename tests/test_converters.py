@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, ROOT
 
-from chatuie.converters import ceval, conll04, fewfc, resume, webqa
-from chatuie.prepare import PrepareConfig, convert_all, record_counts
-from chatuie.records import ConversionError, Record
+from chatuie.data.converters import ceval, conll04, fewfc, resume, webqa
+from chatuie.data.prepare import PrepareConfig, convert_all, record_counts
+from chatuie.data.records import ConversionError, Record
 
 BAD = FIXTURES / "bad"
 

@@ -17,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir  # noqa: E402
 
 from chatuie.cli import app  # noqa: E402
-from chatuie.constrained import constrained_generate  # noqa: E402
-from chatuie.extract import (  # noqa: E402
+from chatuie.data.records import Argument, Entity, Event, Relation, Schema, Trigger  # noqa: E402
+from chatuie.decoding import constrained_generate  # noqa: E402
+from chatuie.models.modeling import load_saved  # noqa: E402
+from chatuie.serve.extract import (  # noqa: E402
     ExtractError,
     ExtractionSchema,
     Extractor,
@@ -32,8 +34,6 @@ from chatuie.extract import (  # noqa: E402
     plan_windows,
     read_inputs,
 )
-from chatuie.modeling import load_saved  # noqa: E402
-from chatuie.records import Argument, Entity, Event, Relation, Schema, Trigger  # noqa: E402
 
 runner = CliRunner()
 

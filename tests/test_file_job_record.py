@@ -16,14 +16,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir  # noqa: E402
 
 from chatuie.cli import app  # noqa: E402
-from chatuie.extract import (  # noqa: E402
+from chatuie.models.modeling import load_saved  # noqa: E402
+from chatuie.serve.extract import (  # noqa: E402
     ExtractError,
     ExtractionSchema,
     Extractor,
     ExtractSettings,
     extract_file,
 )
-from chatuie.modeling import load_saved  # noqa: E402
 
 runner = CliRunner()
 NER = {"entities": ["Peop", "Org"]}

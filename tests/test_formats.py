@@ -13,10 +13,10 @@ import pytest
 from conftest import FIXTURES, ROOT
 
 from chatuie.config import ConfigError, build
-from chatuie.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
-from chatuie.prepare import PrepareConfig, check_zero_shot
-from chatuie.records import ConversionError, Record
-from chatuie.validation import ValidateConfig, record_tables, run_suites
+from chatuie.data.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
+from chatuie.data.prepare import PrepareConfig, check_zero_shot
+from chatuie.data.records import ConversionError, Record
+from chatuie.data.validation import ValidateConfig, record_tables, run_suites
 
 FORMATS_DIR = FIXTURES / "formats"
 
@@ -275,7 +275,7 @@ def test_ambiguous_and_missing_span_policies(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=r"t.jsonl:2: triple 0 tail 'Italy' is not in the text"):
         convert_declared(declared("triples", "re", {"test": "t.jsonl"}), tmp_path)
     # A word is not found inside another ("in" is no span of "Rain"), CJK needs no boundaries.
-    from chatuie.converters.formats.triples import occurrences
+    from chatuie.data.converters.formats.triples import occurrences
 
     assert occurrences("Rain in Spain", "in") == [5] and occurrences("在北京在", "在") == [0, 3]
 

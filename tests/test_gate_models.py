@@ -15,13 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 import pytest
 
-from chatuie.chat import ChatOptions, build_samples, ie_user_prompt
-from chatuie.comparison import dataset_scores, paired_gain
-from chatuie.evaluation import EvalSettings, evaluate_ie
-from chatuie.gate import Baseline, PromotionPolicy, decide
-from chatuie.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
-from chatuie.records import Entity, Record, Schema
-from chatuie.training import TeachSettings, train_sft
+from chatuie.data.prompts import ChatOptions, build_samples, ie_user_prompt
+from chatuie.data.records import Entity, Record, Schema
+from chatuie.eval.comparison import dataset_scores, paired_gain
+from chatuie.eval.evaluation import EvalSettings, evaluate_ie
+from chatuie.eval.gate import Baseline, PromotionPolicy, decide
+from chatuie.models.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+from chatuie.train.trainer import TeachSettings, train_sft
 
 # Sentences of three shapes with a person and an organisation: a model taught 48 of them finds
 # the two in 24 others about half the time (30 steps), by the shape, not by the names.

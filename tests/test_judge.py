@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from chatuie import judge as judge_mod
-from chatuie.judge import (
+from chatuie.data.records import Entity, Record, Schema
+from chatuie.reward import judge as judge_mod
+from chatuie.reward.judge import (
     Judge,
     JudgeCache,
     JudgeConfig,
@@ -28,7 +29,6 @@ from chatuie.judge import (
     reference_score,
     score_all,
 )
-from chatuie.records import Entity, Record, Schema
 
 sys.path.insert(0, str(Path(__file__).parent))
 from judge_server import JudgeServer, expected_score, prompt_hash  # noqa: E402
@@ -287,7 +287,7 @@ def test_zero_budget_makes_no_call(server: JudgeServer, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 _CHILD = """
 import json, sys
-from chatuie.judge import JudgeConfig, JudgeItem, score_all
+from chatuie.reward.judge import JudgeConfig, JudgeItem, score_all
 cfg = JudgeConfig.from_dict(json.load(open(sys.argv[1])))
 items = [JudgeItem.from_dict(d) for d in json.load(open(sys.argv[2]))]
 score_all(items, cfg)

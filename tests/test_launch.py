@@ -1,4 +1,4 @@
-"""Data-parallel stages (chatuie.launch): the batch split, the launch command, the GPU profile, and
+"""Data-parallel stages (chatuie.train.launch): the batch split, the launch command, the GPU profile, and
 2 processes over gloo on this machine for `rm` and `sft` (real `dvc repro`, real MLflow store),
 compared with the 1-process smoke run, including a kill of the launcher and a resume."""
 
@@ -19,7 +19,7 @@ from smoke_pipeline import clone, sh, stage_running_until
 
 from chatuie import tracking
 from chatuie.config import ConfigError, build, load_params
-from chatuie.launch import LaunchError, LaunchSettings, launch_command, per_process_batch, relaunch
+from chatuie.train.launch import LaunchError, LaunchSettings, launch_command, per_process_batch, relaunch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Loss after N steps, 2 processes vs 1, same global batch: the same samples make each global
@@ -129,7 +129,7 @@ def _section_readers() -> dict[str, type]:
         module = importlib.import_module(script.stem)
         for name, cls in calls:
             readers[name] = getattr(module, cls)
-    from chatuie.judge import JudgeConfig
+    from chatuie.reward.judge import JudgeConfig
     from flows.pipeline import FlowConfig
 
     readers["judge"] = JudgeConfig  # tasks/reward_data.py: JudgeConfig.from_dict

@@ -8,8 +8,8 @@ import pytest
 from seqeval.metrics import f1_score, precision_score, recall_score
 from seqeval.scheme import IOBES
 
-from chatuie.metrics import IEScorer, char_rouge1_f1
-from chatuie.records import Argument, Entity, Event, Relation, Trigger
+from chatuie.data.records import Argument, Entity, Event, Relation, Trigger
+from chatuie.eval.metrics import IEScorer, char_rouge1_f1
 
 
 def test_entity_scores_by_hand() -> None:
@@ -78,7 +78,7 @@ def _bioes(length: int, entities: list[Entity]) -> list[str]:
 
 def test_ner_scorer_matches_seqeval_strict(raw_dir) -> None:
     """Real Resume test sentences, predictions made by corrupting gold (drop, shift, retype, add)."""
-    from chatuie.converters import resume
+    from chatuie.data.converters import resume
 
     records = resume.convert_file(raw_dir / "resume_ner" / "test.char.bmes", "test")
     rng = random.Random(0)

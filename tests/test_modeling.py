@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from chatuie.config import build
-from chatuie.modeling import (
+from chatuie.models.modeling import (
     IM_END,
     LoraSettings,
     ModelConfig,
@@ -33,7 +33,7 @@ from chatuie.modeling import (
     save_model,
     train_tokenizer,
 )
-from chatuie.training import TeachSettings, last_checkpoint, teach_to_answer, train_sft
+from chatuie.train.trainer import TeachSettings, last_checkpoint, teach_to_answer, train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "You are ChatUIE, an assistant that answers questions and extracts information."
@@ -266,8 +266,8 @@ def test_packing_mode_trains(tokenizer, tmp_path):
 KILL_SCRIPT = """
 import sys, time
 from transformers import TrainerCallback
-from chatuie.modeling import ModelConfig, load_model
-from chatuie.training import TeachSettings, teach_to_answer
+from chatuie.models.modeling import ModelConfig, load_model
+from chatuie.train.trainer import TeachSettings, teach_to_answer
 
 class HangAfterFirstSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from chatuie.chat import ChatOptions, instruction_schemas
+from chatuie.data.answers import ground, render
+from chatuie.data.prepare import PrepareConfig, convert_all
+from chatuie.data.prompts import ChatOptions, instruction_schemas
+from chatuie.data.records import Argument, Entity, Event, Record, Relation, Schema, Trigger
 from chatuie.io import write_jsonl
-from chatuie.judge import flatten_answer
-from chatuie.negatives import (
+from chatuie.reward.judge import flatten_answer
+from chatuie.reward.negatives import (
     NEGATIVE_TYPES,
     TYPES_BY_TASK,
     ConfusionTable,
     NegativeSettings,
     make_negatives,
 )
-from chatuie.output_format import ground, render
-from chatuie.prepare import PrepareConfig, convert_all
-from chatuie.records import Argument, Entity, Event, Record, Relation, Schema, Trigger
 
 
 def _entity(text: str, label: str, span: str, occurrence: int = 0) -> Entity:

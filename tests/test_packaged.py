@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatuie import packaged, tracking
-from chatuie.constrained import IERequest, constrained_generate
-from chatuie.modeling import LoraSettings, ModelConfig, is_peft, load_model, load_saved, save_model
-from chatuie.precision import resolve_dtype
-from chatuie.records import Schema
-from chatuie.training import TeachSettings, train_sft
+from chatuie import tracking
+from chatuie.data.records import Schema
+from chatuie.decoding import IERequest, constrained_generate
+from chatuie.models import packaged
+from chatuie.models.modeling import LoraSettings, ModelConfig, is_peft, load_model, load_saved, save_model
+from chatuie.models.precision import resolve_dtype
+from chatuie.train.trainer import TeachSettings, train_sft
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 

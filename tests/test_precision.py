@@ -1,4 +1,4 @@
-"""dtype auto: bfloat16 only where this device computes it natively (chatuie.precision)."""
+"""dtype auto: bfloat16 only where this device computes it natively (chatuie.models.precision)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from chatuie import precision
-from chatuie.precision import ComputeDevice, cpu_device, resolve_autocast, resolve_dtype
+from chatuie.models import precision
+from chatuie.models.precision import ComputeDevice, cpu_device, resolve_autocast, resolve_dtype
 
 AVX2 = {"avx2": True, "architecture": "x86_64"}
 AVX512 = {**AVX2, "avx512_f": True, "avx512_bw": True}
@@ -58,7 +58,7 @@ def test_an_isa_limit_that_keeps_bf16_changes_nothing():
 def test_an_explicit_choice_is_kept_and_emulated_bfloat16_warns_once(caplog):
     avx2 = cpu_device(AVX2, env={})
     precision._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="chatuie.precision"):
+    with caplog.at_level(logging.WARNING, logger="chatuie.models.precision"):
         assert resolve_dtype("bfloat16", avx2, where="model.dtype") == "bfloat16"
         assert resolve_dtype("bfloat16", avx2, where="model.dtype") == "bfloat16"
         assert resolve_dtype("float32", cpu_device(AMX, env={}), where="model.dtype") == "float32"

@@ -19,7 +19,7 @@ import pytest
 from smoke_pipeline import VENV_BIN, clone, env, params, sh
 
 from chatuie import tracking
-from chatuie.gate import PromotionPolicy, decide
+from chatuie.eval.gate import PromotionPolicy, decide
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
@@ -69,8 +69,8 @@ def test_gate_compares_only_scores_of_the_same_evaluation_protocol() -> None:
 
 
 def test_protocol_digest_follows_what_decides_the_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    from chatuie import evaluation
-    from chatuie.evaluation import EvalSettings, protocol_digest
+    from chatuie.eval import evaluation
+    from chatuie.eval.evaluation import EvalSettings, protocol_digest
 
     base = protocol_digest(["resume"], ["constrained"], EvalSettings())
     assert base == protocol_digest(["resume"], ["constrained"], EvalSettings())
@@ -122,10 +122,10 @@ def test_smoke_repro_registers_version_1_as_production(smoke_run) -> None:
 def test_production_model_extracts(smoke_run, tmp_path: Path) -> None:
     import torch
 
-    from chatuie.chat import ie_user_prompt, messages_for
-    from chatuie.constrained import IERequest, constrained_generate
-    from chatuie.modeling import load_saved
-    from chatuie.prepare import load_records
+    from chatuie.data.prepare import load_records
+    from chatuie.data.prompts import ie_user_prompt, messages_for
+    from chatuie.decoding import IERequest, constrained_generate
+    from chatuie.models.modeling import load_saved
 
     torch.set_num_threads(1)
     model_dir = tracking.download_model("models:/chatuie@production", tmp_path / "dl", root=smoke_run.repo)
@@ -235,7 +235,7 @@ def test_lora_adapter_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     import torch
 
-    from chatuie.modeling import (
+    from chatuie.models.modeling import (
         LoraSettings,
         ModelConfig,
         TinyModelConfig,

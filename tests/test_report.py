@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from chatuie.report import ReportConfig, ReportError, bar_chart, build_report, write_report
+from chatuie.eval.report import ReportConfig, ReportError, bar_chart, build_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,15 +22,14 @@ import torch
 import yaml
 from conftest import FIXTURES, ROOT
 
-from chatuie.chat import ChatOptions, build_samples
+from chatuie.data.prepare import PrepareConfig, convert_all, write_records
+from chatuie.data.prompts import ChatOptions, build_samples
+from chatuie.data.records import Record
 from chatuie.io import read_json, read_jsonl, write_jsonl
-from chatuie.judge import JudgeResult
-from chatuie.modeling import TinyModelConfig, build_tiny_model, chat_texts, save_model, train_tokenizer
-from chatuie.negatives import NegativeSettings
-from chatuie.precision import resolve_dtype
-from chatuie.prepare import PrepareConfig, convert_all, write_records
-from chatuie.records import Record
-from chatuie.reward import (
+from chatuie.models.modeling import TinyModelConfig, build_tiny_model, chat_texts, save_model, train_tokenizer
+from chatuie.models.precision import resolve_dtype
+from chatuie.reward.judge import JudgeResult
+from chatuie.reward.model import (
     HeldoutSplit,
     JudgedSettings,
     RewardTrainSettings,
@@ -49,6 +48,7 @@ from chatuie.reward import (
     tokenize_pairs,
     train_reward_model,
 )
+from chatuie.reward.negatives import NegativeSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from judge_server import JudgeServer  # noqa: E402

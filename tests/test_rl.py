@@ -17,11 +17,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from chatuie.judge import flatten_answer
-from chatuie.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
-from chatuie.records import Schema
-from chatuie.reward import PairTokenizer, load_reward_base, load_reward_model, save_reward_model
-from chatuie.rl import (
+from chatuie.data.records import Schema
+from chatuie.models.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
+from chatuie.reward.judge import flatten_answer
+from chatuie.reward.model import PairTokenizer, load_reward_base, load_reward_model, save_reward_model
+from chatuie.rl.rewards import F1Reward, RewardModelWithF1, f1_reward, validity, validity_reward
+from chatuie.rl.trainer import (
     ConstrainedPPOGeneration,
     GRPOSettings,
     PPOSettings,
@@ -32,7 +33,6 @@ from chatuie.rl import (
     train_grpo,
     train_ppo,
 )
-from chatuie.rl_rewards import F1Reward, RewardModelWithF1, f1_reward, validity, validity_reward
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_reward import CHAT, IE, build_project, fixture_records  # noqa: E402

@@ -19,12 +19,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir  # noqa: E402
 
-from chatuie.chat import ie_user_prompt  # noqa: E402
-from chatuie.extract import Extractor, ExtractSettings  # noqa: E402
-from chatuie.judge import JudgeConfig, JudgeItem, score_all  # noqa: E402
-from chatuie.modeling import load_saved  # noqa: E402
-from chatuie.records import Schema  # noqa: E402
-from chatuie.server import BackgroundServer, ServerSettings, create_app, parse_ie_prompt  # noqa: E402
+from chatuie.data.prompts import ie_user_prompt  # noqa: E402
+from chatuie.data.records import Schema  # noqa: E402
+from chatuie.models.modeling import load_saved  # noqa: E402
+from chatuie.reward.judge import JudgeConfig, JudgeItem, score_all  # noqa: E402
+from chatuie.serve.extract import Extractor, ExtractSettings  # noqa: E402
+from chatuie.serve.server import BackgroundServer, ServerSettings, create_app, parse_ie_prompt  # noqa: E402
 
 KEY = "sk-local-test-7a6b5c"
 KEY_ENV = "CHATUIE_TEST_SERVER_KEY"

@@ -8,7 +8,7 @@ import pytest
 from sft import SFTStageConfig, select_samples
 
 from chatuie.config import ConfigError, build
-from chatuie.reward import HeldoutSplit
+from chatuie.reward.model import HeldoutSplit
 
 
 def _samples() -> list[dict]:

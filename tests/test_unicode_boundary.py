@@ -21,9 +21,11 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir  # noqa: E402
 
-from chatuie.chat import ie_user_prompt  # noqa: E402
 from chatuie.cli import app  # noqa: E402
-from chatuie.extract import (  # noqa: E402
+from chatuie.data.prompts import ie_user_prompt  # noqa: E402
+from chatuie.data.records import Schema  # noqa: E402
+from chatuie.models.modeling import load_saved  # noqa: E402
+from chatuie.serve.extract import (  # noqa: E402
     ExtractError,
     ExtractionSchema,
     Extractor,
@@ -31,9 +33,7 @@ from chatuie.extract import (  # noqa: E402
     SchemaError,
     read_inputs,
 )
-from chatuie.modeling import load_saved  # noqa: E402
-from chatuie.records import Schema  # noqa: E402
-from chatuie.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
+from chatuie.serve.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
 
 NAME = "tiny-chatuie"
 runner = CliRunner()

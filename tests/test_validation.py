@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from chatuie.prepare import PrepareConfig, convert_all
-from chatuie.records import Entity, Record
-from chatuie.samples import SamplesConfig, build_all
-from chatuie.validation import (
+from chatuie.data.prepare import PrepareConfig, convert_all
+from chatuie.data.records import Entity, Record
+from chatuie.data.samples import SamplesConfig, build_all
+from chatuie.data.validation import (
     ValidateConfig,
     failure_message,
     record_tables,

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chatuie.cli import app
-from chatuie.viewer import ViewError, compare_marks, load_rows, render_html, write_view
+from chatuie.eval.viewer import ViewError, compare_marks, load_rows, render_html, write_view
 
 TEXT = "东方金钰将股份质押给中信证券。John Smith works for IBM."
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
-from chatuie.chat import SYSTEM_PROMPT, ie_user_prompt
-from chatuie.modeling import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
-from chatuie.records import Schema
+from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
+from chatuie.data.records import Schema
+from chatuie.models.modeling import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
 
 EN_TEXT = "John Smith works for IBM in New York. Mary Jones lives in Boston, near the Charles River."
 ZH_TEXT = "东方金钰于2019年3月5日将其持有的1000万股股份质押给中信证券。张三在北京工作。"

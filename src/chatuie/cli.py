@@ -22,7 +22,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from chatuie.extract import DEFAULT_MODEL, ExtractError
+from chatuie.serve.extract import DEFAULT_MODEL, ExtractError
 
 app = typer.Typer(
     name="chatuie",
@@ -49,7 +49,7 @@ def _fail(message: object) -> NoReturn:
 
 
 def _settings(max_new_tokens: int, batch_size: int, max_labels: int, context: int | None, overlap: int):
-    from chatuie.extract import ExtractSettings
+    from chatuie.serve.extract import ExtractSettings
 
     return ExtractSettings(
         max_new_tokens=max_new_tokens,
@@ -92,7 +92,7 @@ def extract(
     threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
 ) -> None:
     """Extract entities, relations and events with character offsets (constrained decoding)."""
-    from chatuie.extract import ExtractionSchema, Extractor, check_text, extract_file, read_inputs
+    from chatuie.serve.extract import ExtractionSchema, Extractor, check_text, extract_file, read_inputs
 
     try:
         if (text is None) == (input_path is None):
@@ -160,9 +160,9 @@ def serve(
     """Serve the model over HTTP: OpenAI-compatible chat completions plus /v1/extract."""
     import logging
 
-    from chatuie.extract import Extractor
-    from chatuie.server import ServerSettings
-    from chatuie.server import serve as run_server
+    from chatuie.serve.extract import Extractor
+    from chatuie.serve.server import ServerSettings
+    from chatuie.serve.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -195,7 +195,7 @@ def view(
     limit: Annotated[int, typer.Option(help="Show at most this many records (0 = all).")] = 0,
 ) -> None:
     """Render extractions as a self-contained HTML page (gold vs predicted when gold exists)."""
-    from chatuie.viewer import ViewError, write_view
+    from chatuie.eval.viewer import ViewError, write_view
 
     try:
         count = write_view(inputs, output, title=title, limit=limit)
@@ -238,11 +238,11 @@ def evaluate(
     import dataclasses
 
     from chatuie.config import ConfigError, build, load_params
-    from chatuie.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
-    from chatuie.evaluation import EvalSettings, evaluate_dataset
-    from chatuie.extract import load_model_ref
+    from chatuie.data.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
+    from chatuie.data.records import ConversionError
+    from chatuie.eval.evaluation import EvalSettings, evaluate_dataset
     from chatuie.io import write_jsonl
-    from chatuie.records import ConversionError
+    from chatuie.serve.extract import load_model_ref
 
     try:
         section = (load_params(params).get("evaluate") or {}) if params.is_file() else {}
@@ -267,7 +267,7 @@ def evaluate(
         records = convert_declared(spec).splits["test"]
         _threads(threads)
         loaded, tokenizer, _ = load_model_ref(model)
-        from chatuie.chat import prompt_options_for
+        from chatuie.data.prompts import prompt_options_for
 
         source = getattr(loaded, "name_or_path", None) or getattr(loaded.config, "_name_or_path", None)
         chat = prompt_options_for(source, params)
@@ -288,7 +288,7 @@ def evaluate(
 
 def _f1_text(dataset: str, task: str, results: dict[str, dict]) -> str:
     """The F1 table: per mode the headline P / R / F1, the other F1s, validity, invented spans."""
-    from chatuie.metrics import HEADLINE
+    from chatuie.eval.metrics import HEADLINE
 
     headline = HEADLINE[task]
     lines = [f"{dataset} ({task}, headline {headline})"]
@@ -315,7 +315,7 @@ def report(
     zero_shot: Annotated[list[str] | None, typer.Option(help="A dataset evaluated zero-shot.")] = None,
 ) -> None:
     """Write the run report (tables and plots of the paper) from the evaluate stage's metrics."""
-    from chatuie.report import ReportConfig, ReportError, write_report
+    from chatuie.eval.report import ReportConfig, ReportError, write_report
 
     try:
         written = write_report(metrics_dir, out_dir, ReportConfig(zero_shot=list(zero_shot or [])))
@@ -334,8 +334,8 @@ def metrics(
 
     What `dvc metrics show` holds too, among every other number of the metrics files.
     """
-    from chatuie.report import ReportError
-    from chatuie.summary import collect, render
+    from chatuie.eval.report import ReportError
+    from chatuie.eval.summary import collect, render
 
     try:
         summary = collect(metrics_dir)
@@ -363,7 +363,7 @@ def promote(
     import dataclasses
 
     from chatuie.config import ConfigError, build, load_params
-    from chatuie.gate import PromotionPolicy
+    from chatuie.eval.gate import PromotionPolicy
     from chatuie.tracking import TrackingError
     from chatuie.tracking import promote as gate
     from chatuie.tracking import rollback as roll_back

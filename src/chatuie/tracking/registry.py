@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chatuie.comparison import RECORD_SCORES_FILE
-from chatuie.gate import Baseline, PromotionPolicy, decide
+from chatuie.eval.comparison import RECORD_SCORES_FILE
+from chatuie.eval.gate import Baseline, PromotionPolicy, decide
 from chatuie.io import write_json
-from chatuie.packaged import PACKAGED_PREFIX
+from chatuie.models.packaged import PACKAGED_PREFIX
 from chatuie.tracking.store import (
     CANDIDATE,
     ENV_TRACKING,
@@ -68,13 +68,13 @@ def register_model(
     record_scores: Mapping[str, Any] | None = None,
     root: str | Path | None = None,
 ) -> int:
-    """Log ``model_dir`` (a chatuie.modeling.save_model directory) and register it as a new version.
+    """Log ``model_dir`` (a chatuie.models.modeling.save_model directory) and register it as a new version.
 
     A full model goes in with the MLflow transformers flavor (weights copied from the directory, no
     load); a LoRA adapter is logged as artifacts with its base: a local base directory is bundled
     under ``base/``, a hub id is kept as a reference. ``summary`` (metrics/<model>.json's summary)
     becomes the version's tags; the gate (:func:`promote`) compares those, and pairs
-    ``record_scores`` (chatuie.comparison.record_scores, logged as the run's record_scores.json)
+    ``record_scores`` (chatuie.eval.comparison.record_scores, logged as the run's record_scores.json)
     with production's for the interval of the gain.
     Logs into the active run (the register stage's) or, outside a stage, into a run of its own.
     """
@@ -87,7 +87,9 @@ def register_model(
     model_dir = Path(model_dir)
     note_path = model_dir / NOTE_FILE
     if not note_path.exists():
-        raise TrackingError(f"{model_dir}: no {NOTE_FILE}: not a chatuie.modeling.save_model directory")
+        raise TrackingError(
+            f"{model_dir}: no {NOTE_FILE}: not a chatuie.models.modeling.save_model directory"
+        )
     note = json.loads(note_path.read_text(encoding="utf-8"))
     with _errors(f"registering {model_dir} as {name!r}", root):
         client = _client(root)
@@ -125,7 +127,7 @@ def _register_full(model_dir: Path, note: dict, name: str, tags: dict[str, str])
     """The transformers flavor, from the loaded model (MLflow 3.17's logging from a checkpoint
     directory breaks on transformers 5: its pipeline registry names classes by string)."""
     import mlflow
-    from chatuie.modeling import load_saved
+    from chatuie.models.modeling import load_saved
 
     # No model card or license lookups on the hub for a local model (offline machines retry for
     # ~30 s): offline mode, and an absolute name_or_path that is no valid hub id anyway.
@@ -153,7 +155,7 @@ def _register_adapter(
     mlflow.log_artifacts(str(model_dir), "model")
     base = str(note.get("base") or "")
     if note.get("base_pin"):
-        # A packaged base (chatuie.packaged): pinned by package version and GGUF sha256, rebuilt from
+        # A packaged base (chatuie.models.packaged): pinned by package version and GGUF sha256, rebuilt from
         # the installed package where the version is loaded; only the adapter is stored.
         pin = note["base_pin"]
         tags["chatuie.base"] = f"packaged: {pin['distribution']}=={pin['version']} sha256:{pin['sha256']}"
@@ -169,7 +171,7 @@ def _register_adapter(
 
 
 def download_model(uri: str, dst: str | Path | None = None, *, root: str | Path | None = None) -> Path:
-    """A local directory loadable with :func:`chatuie.modeling.load_saved`, e.g. for
+    """A local directory loadable with :func:`chatuie.models.modeling.load_saved`, e.g. for
     ``models:/chatuie@production`` (an adapter's bundled base is pointed at in its note)."""
     import mlflow
 
@@ -256,7 +258,7 @@ def _paired(candidate: ModelVersion, production: ModelVersion | None) -> dict | 
 
 
 def _paired_scores(before: Mapping | None, after: Mapping | None, what: str) -> dict | None:
-    from chatuie.comparison import paired_gain
+    from chatuie.eval.comparison import paired_gain
 
     if before is None or after is None:
         return None

@@ -27,8 +27,8 @@ ENV_UI_URL = "CHATUIE_MLFLOW_UI_URL"  # where `mlflow ui` serves a local store (
 DEFAULT_EXPERIMENT = "chatuie"
 REGISTERED_MODEL = "chatuie"
 STORE_DIR = "mlflow"
-NOTE_FILE = "chatuie_model.json"  # = chatuie.modeling.NOTE_FILE (not imported: that pulls in torch)
-PROMPT_FILE = "chatuie_prompt.json"  # = chatuie.chat.PROMPT_FILE: how the model is asked
+NOTE_FILE = "chatuie_model.json"  # = chatuie.models.modeling.NOTE_FILE (not imported: that pulls in torch)
+PROMPT_FILE = "chatuie_prompt.json"  # = chatuie.data.prompts.PROMPT_FILE: how the model is asked
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # artifact files above this are skipped
 MAX_OUT_BYTES = 5 * 1024 * 1024  # an output (file or directory) above this is skipped whole

@@ -1,1 +1,0 @@
-"""One converter per raw format; each returns unified :class:`~chatuie.records.Record` objects."""

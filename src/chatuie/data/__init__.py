@@ -1,0 +1,1 @@
+"""Records, schemas, prompts, the answer format, converters, splits, samples and their validation."""

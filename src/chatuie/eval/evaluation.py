@@ -1,0 +1,364 @@
+"""Evaluation: IE F1 with the generation constraint on and off, and chat ability.
+
+* IE: each test record is asked with the same instructions the model was taught (schema split
+  as in ``samples.chat``), answers are parsed, grounded to offsets and merged per record, then
+  scored by :class:`chatuie.eval.metrics.IEScorer`. Reported beside F1: the JSON-validity rate and the
+  invented-span rate (predicted spans that are not substrings of the input).
+* WebQA (held-back part): greedy answers, exact match and character-level ROUGE-1 F1.
+* C-Eval val: the log-likelihood of the option letters A/B/C/D after the prompt, per category.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from chatuie.data.answers import ground
+from chatuie.data.prompts import (
+    ChatOptions,
+    ie_user_prompt,
+    instruction_schemas,
+    mcq_user_prompt,
+    messages_for,
+    qa_user_prompt,
+)
+from chatuie.data.records import Record, Schema
+from chatuie.eval.metrics import HEADLINE, IEScorer, char_rouge1_f1, exact_match
+from chatuie.progress import track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``evaluate`` section of params.yaml."""
+
+    max_records_per_dataset: int = 200  # 0 = the whole test split
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    webqa_max_new_tokens: int = 32
+    max_chat_examples: int = 500  # per chat dataset, 0 = all
+    # Constrained spans: "word" = substrings that cut no word (CJK: any characters) | "char" = any
+    # substring (the paper's constraint). Both guarantee that no span is invented.
+    span_boundaries: str = "word"
+    # >1 discourages text tokens the answer already wrote (AnswerRepetitionPenalty: not the
+    # prompt, not JSON punctuation): a weak model otherwise lists one span dozens of times.
+    # Same value for both modes.
+    repetition_penalty: float = 1.0
+    # Weights the model is decoded in (LoRA merged first). bfloat16 is about twice as fast on a CPU
+    # with AMX-BF16 (bench/decoding.py); float32 is the reference.
+    dtype: str = "float32"
+    seed: int = 13
+
+
+# Bumped when the code changes what a model scores under the same params (decoding rules, scoring).
+# 2: constrained answers list every schema label in order; lists name a mention once per
+# occurrence; relation heads and tails come from the answer's entity block.
+# 3: the repetition penalty counts only text tokens the answer wrote (AnswerRepetitionPenalty).
+# 4: a constrained relation list names each head/tail pair once.
+# 5: IE prompts are batched by length (other padding); F1 carries a bootstrap interval.
+PROTOCOL_VERSION = 5
+
+
+def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
+    """A short digest of what decides the scores (datasets, modes, records, decoding, the protocol
+    version): two models' metrics are comparable only under the same digest (the promotion gate
+    checks it)."""
+    described = {
+        "datasets": datasets,
+        "constraint_modes": constraint_modes,
+        **asdict(settings),
+        "protocol_version": PROTOCOL_VERSION,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _subsample(records: list[Record], limit: int, seed: int) -> list[Record]:
+    """A fixed, seeded subset (the same records for every model), kept in corpus order."""
+    if not limit or len(records) <= limit:
+        return records
+    import random
+
+    keep = set(random.Random(seed).sample(range(len(records)), limit))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def _prompt(tokenizer, user: str, chat: ChatOptions) -> str:
+    """The request exactly as training samples pose it (same system turn, same template)."""
+    messages = messages_for(user, None, chat.system_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _length_order(tokenizer, prompts: list[str]) -> list[int]:
+    """Indices of ``prompts``, longest (in tokens) first; ties keep their order."""
+    if not prompts:
+        return []
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(prompts)), key=lambda i: -lengths[i])
+
+
+def _starts(count: int, size: int, desc: str, unit: str = "record") -> Iterator[int]:
+    """Batch starts over ``count`` items, with progress counted in items (rate and ETA)."""
+    weight = lambda start: min(size, count - start)  # noqa: E731
+    return track(range(0, count, size), f"evaluate {desc}", total=count, unit=unit, weight=weight)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def generate_free(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    repetition_penalty: float = 1.0,
+) -> list[str]:
+    """Unconstrained greedy decoding, left-padded batches (the same repetition penalty as the
+    constrained mode: :class:`chatuie.decoding.AnswerRepetitionPenalty`)."""
+    from transformers import LogitsProcessorList
+
+    from chatuie.decoding import answer_penalty, token_table
+
+    tokenizer.padding_side = "left"
+    table = token_table(tokenizer)
+    outputs: list[str] = []
+    for batch in _batches(prompts, batch_size):
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        penalty = answer_penalty(repetition_penalty, table, encoded["input_ids"].shape[1])
+        generated = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList(penalty),
+        )
+        new = generated[:, encoded["input_ids"].shape[1] :]
+        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def _spans_in(answer: Any) -> Iterable[str]:
+    """Every span string of a parsed answer, whatever its shape (for the invented-span rate)."""
+    if isinstance(answer, str):
+        yield answer
+    elif isinstance(answer, list):
+        for item in answer:
+            yield from _spans_in(item)
+    elif isinstance(answer, dict):
+        for key, value in answer.items():
+            if key in ("head", "tail", "trigger") or isinstance(value, (list, dict)):
+                yield from _spans_in(value)
+
+
+def _merge(task: str, parts: list[dict[str, list]]) -> dict[str, list]:
+    merged: dict[str, list] = {"entities": [], "relations": [], "events": []}
+    for index, part in enumerate(parts):
+        # re instructions repeat the whole entity block: count it once.
+        if task != "re" or index == 0:
+            merged["entities"].extend(part["entities"])
+        merged["relations"].extend(part["relations"])
+        merged["events"].extend(part["events"])
+    return merged
+
+
+def evaluate_ie(
+    model,
+    tokenizer,
+    records: list[Record],
+    chat: ChatOptions,
+    settings: EvalSettings,
+    constrained: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Returns (metrics, per-label rows, predictions) for one dataset's test records."""
+    task = records[0].task
+    jobs: list[tuple[Record, Schema]] = [
+        (r, schema) for r in records for schema in instruction_schemas(r, chat, train=False)
+    ]
+    # Longest prompts first, so each batch holds prompts of about one length (little padding: the
+    # prefill and every decode step cost per padded position); answers go back to job order.
+    prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s, chat), chat) for r, s in jobs]
+    order = _length_order(tokenizer, prompts)
+    by_length = [jobs[i] for i in order]
+    prompts = [prompts[i] for i in order]
+    if constrained:
+        from chatuie.decoding import IERequest, constrained_generate
+
+        requests = [
+            IERequest(task=task, text=r.text, schema=s, span_boundaries=settings.span_boundaries)
+            for r, s in by_length
+        ]
+        answers = []
+        for start in _starts(len(prompts), settings.batch_size, f"{records[0].dataset} constrained"):
+            answers.extend(
+                constrained_generate(
+                    model,
+                    tokenizer,
+                    prompts[start : start + settings.batch_size],
+                    requests[start : start + settings.batch_size],
+                    max_new_tokens=settings.max_new_tokens,
+                    batch_size=settings.batch_size,
+                    repetition_penalty=settings.repetition_penalty,
+                )
+            )
+    else:
+        answers = []
+        for start in _starts(len(prompts), settings.batch_size, f"{records[0].dataset} free"):
+            answers.extend(
+                generate_free(
+                    model,
+                    tokenizer,
+                    prompts[start : start + settings.batch_size],
+                    settings.max_new_tokens,
+                    settings.batch_size,
+                    settings.repetition_penalty,
+                )
+            )
+
+    in_job_order: list[str] = [""] * len(jobs)
+    for position, answer in zip(order, answers, strict=True):
+        in_job_order[position] = answer
+    answers = in_job_order
+
+    valid = spans = invented = 0
+    parts: dict[str, list[dict]] = defaultdict(list)
+    raw: dict[str, list[str]] = defaultdict(list)
+    for (record, schema), answer in zip(jobs, answers, strict=True):
+        raw[record.id].append(answer)
+        try:
+            parsed = json.loads(answer)
+            grounded = ground(task, parsed, record.text, schema)
+            valid += isinstance(parsed, dict)
+        except (ValueError, TypeError, AttributeError):
+            parts[record.id].append({"entities": [], "relations": [], "events": []})
+            continue
+        for span in _spans_in(parsed):
+            spans += 1
+            invented += span not in record.text
+        parts[record.id].append(grounded)
+
+    scorer = IEScorer(task)
+    predictions = []
+    for record in records:
+        merged = _merge(task, parts[record.id])
+        gold = {"entities": record.entities, "relations": record.relations, "events": record.events}
+        scorer.add(gold, merged)
+        predictions.append(
+            {
+                "id": record.id,
+                "text": record.text,
+                "answers": raw[record.id],
+                "gold": _plain(gold),
+                "pred": _plain(merged),
+            }
+        )
+    metrics: dict[str, Any] = scorer.result()
+    metrics["f1"] = metrics[HEADLINE[task]]["f1"]
+    metrics["json_validity"] = round(100 * valid / len(jobs), 2) if jobs else 0.0
+    metrics["invented_span_rate"] = round(100 * invented / spans, 2) if spans else 0.0
+    metrics["spans"] = spans
+    metrics["instructions"] = len(jobs)
+    metrics["records"] = len(records)
+    return metrics, scorer.per_label_rows(), predictions
+
+
+def test_records(records: list[Record], settings: EvalSettings) -> list[Record]:
+    """The records a dataset is scored on: a large test split is seeded-sampled, the same for
+    every model (the pipeline and ``chatuie evaluate`` alike)."""
+    return _subsample(records, settings.max_records_per_dataset, settings.seed)
+
+
+def evaluate_dataset(
+    model,
+    tokenizer,
+    records: list[Record],
+    chat: ChatOptions,
+    settings: EvalSettings,
+    constraint_modes: list[str],
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]:
+    """``{mode: (metrics, per-label rows, predictions)}`` of one dataset's (sampled) test records."""
+    chosen = test_records(records, settings)
+    return {
+        mode: evaluate_ie(model, tokenizer, chosen, chat, settings, constrained=mode == "constrained")
+        for mode in constraint_modes
+    }
+
+
+def _plain(structure: dict[str, list]) -> dict[str, list]:
+    from dataclasses import asdict
+
+    return {key: [asdict(x) for x in value] for key, value in structure.items()}
+
+
+def evaluate_webqa(
+    model, tokenizer, records: list[Record], chat: ChatOptions, settings: EvalSettings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, one row per question: its answer and scores, what paired comparisons resample)."""
+    prompts = [_prompt(tokenizer, qa_user_prompt(r), chat) for r in records]
+    answers = []
+    for start in _starts(len(prompts), settings.batch_size, "webqa", unit="question"):
+        batch = prompts[start : start + settings.batch_size]
+        answers.extend(
+            generate_free(model, tokenizer, batch, settings.webqa_max_new_tokens, settings.batch_size)
+        )
+    rows = [
+        {
+            "id": r.id,
+            "answer": a,
+            "reference": r.answer or "",
+            "exact_match": float(exact_match(a, r.answer or "")),
+            "rouge1_char_f1": round(char_rouge1_f1(a, r.answer or ""), 6),
+        }
+        for a, r in zip(answers, records, strict=True)
+    ]
+    n = max(len(records), 1)
+    metrics = {
+        "exact_match": round(100 * sum(row["exact_match"] for row in rows) / n, 2),
+        "rouge1_char_f1": round(100 * sum(row["rouge1_char_f1"] for row in rows) / n, 2),
+        "examples": len(records),
+    }
+    return metrics, rows
+
+
+@torch.no_grad()
+def evaluate_ceval(
+    model, tokenizer, records: list[Record], chat: ChatOptions, settings: EvalSettings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy by the next-token log-likelihood of each option letter after the prompt; with one
+    row per question (its choice, and whether it is right)."""
+    letters = ["A", "B", "C", "D"]
+    letter_ids = [tokenizer.encode(x, add_special_tokens=False)[0] for x in letters]
+    tokenizer.padding_side = "left"
+    correct: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    prompts = [_prompt(tokenizer, mcq_user_prompt(r), chat) for r in records]
+    for start in _starts(len(records), settings.batch_size, "ceval", unit="question"):
+        batch = prompts[start : start + settings.batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Only the last position's logits: the whole sequence's would be batch x length x vocab.
+        logits = model(**encoded, logits_to_keep=1).logits[:, -1, :]
+        choice = logits[:, letter_ids].argmax(dim=-1).tolist()
+        for record, index in zip(records[start : start + settings.batch_size], choice, strict=True):
+            category = record.meta.get("category", "all")
+            hit = letters[index] == record.answer
+            rows.append({"id": record.id, "choice": letters[index], "correct": float(hit)})
+            for key in {category, "all"}:
+                total[key] += 1
+                correct[key] += hit
+    metrics = {
+        "accuracy": round(100 * correct["all"] / max(total["all"], 1), 2),
+        "per_category": {k: round(100 * correct[k] / total[k], 2) for k in sorted(total) if k != "all"},
+        "examples": total["all"],
+    }
+    return metrics, rows

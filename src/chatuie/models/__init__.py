@@ -1,0 +1,1 @@
+"""Loading, building and saving models: the packaged base, LoRA, dtype resolution."""

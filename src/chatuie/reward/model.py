@@ -1,0 +1,635 @@
+"""Reward data and the reward model (ChatUIE §3.2).
+
+Preference pairs ``(prompt, chosen, rejected)`` come from two sources:
+
+* **confusing negatives** (:mod:`chatuie.reward.negatives`): the gold answer of a training instruction
+  against the same answer with one plausible mistake;
+* **judge-scored predictions**: the SFT model samples ``k`` grounded answers per prompt
+  (:func:`chatuie.decoding.constrained_generate` with sampling) on records it did not train
+  on, a judge (:mod:`chatuie.reward.judge`) scores each, and the best and worst answers make a pair when
+  their scores differ by at least ``margin``.
+
+"Did not train on" is the held-out slice of the training splits: :func:`is_heldout` picks a record
+by a hash of its id, so the ``sft`` stage and this module agree on it without sharing a file.
+Its output for a given id, fraction and seed must never change (tests pin it): SFT runs already
+made depend on it.
+
+The reward model is the SFT model with a one-logit sequence-classification head, trained by TRL's
+``RewardTrainer`` (Bradley-Terry loss) on pre-tokenized pairs. A sequence is tokenized exactly as
+the RL trainers present it to the reward model: the chat prompt with the generation prompt, the
+answer's tokens and the end-of-turn token (no trailing newline), so the score is read on
+``<|im_end|>`` both in training and in PPO/GRPO rollouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+
+from chatuie.data.answers import render
+from chatuie.data.prompts import ChatOptions, ie_user_prompt, instruction_schemas, messages_for
+from chatuie.data.records import IE_TASKS, Record, Schema
+from chatuie.models.modeling import load_saved, merge_lora, save_model
+from chatuie.models.precision import resolve_autocast
+from chatuie.progress import Progress
+from chatuie.reward.judge import JudgeItem, JudgeResult
+from chatuie.reward.negatives import ConfusionTable, NegativeSettings, make_negatives
+from chatuie.train.launch import per_process_batch
+from chatuie.train.trainer import TrainingProgress, freeze_input_embeddings, trainer_safety_args
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TASK_INSTRUCTION = {
+    "ner": "Extract the named entities of the listed types.",
+    "re": "Extract the entities of the listed types and the relations of the listed types between them.",
+    "ee": "Extract the events of the listed types: their triggers and their arguments by role.",
+}
+
+
+# ------------------------------------------------------------------------------------ held-out slice
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """Training records the SFT model leaves out, so reward data is scored on unseen records."""
+
+    fraction: float = 0.1
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"heldout fraction must be in [0, 1), got {self.fraction}")
+
+
+def _unit(salt: str, seed: int, key: str) -> float:
+    """A uniform number in [0, 1) from a hash: stable across runs, machines and record order."""
+    digest = hashlib.sha256(f"{salt}:{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_heldout(record_id: str, split: HeldoutSplit) -> bool:
+    """Whether the record ``record_id`` is in the held-out slice (about ``split.fraction`` of ids)."""
+    return split.fraction > 0 and _unit("heldout", split.seed, record_id) < split.fraction
+
+
+def heldout_record_ids(records: Iterable[Record], fraction: float, seed: int) -> set[str]:
+    """The ids of ``records`` in the held-out slice (see :func:`is_heldout`)."""
+    split = HeldoutSplit(fraction, seed)
+    return {r.id for r in records if is_heldout(r.id, split)}
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class JudgedSettings:
+    """``reward_data.judged``: sampled SFT answers scored by the judge."""
+
+    enabled: bool = True
+    # Records to sample on: "heldout" (train records the sft stage leaves out) or a split name (dev, ...).
+    split: str = "heldout"
+    max_prompts_per_dataset: int = 16  # instructions per dataset (0 = all)
+    samples_per_prompt: int = 4  # k answers sampled per instruction
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    margin: float = 2.0  # judge scores are 0-10: best/worst make a pair when they differ by this much
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.samples_per_prompt < 2:
+            raise ValueError("judged.samples_per_prompt must be >= 2 (a pair needs two answers)")
+
+
+@dataclass(frozen=True)
+class RewardDataConfig:
+    """``reward_data`` section."""
+
+    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    max_records_per_dataset: int = 200  # train records negatives are made from (0 = all)
+    negatives: NegativeSettings = field(default_factory=NegativeSettings)
+    judged: JudgedSettings = field(default_factory=JudgedSettings)
+    eval_fraction: float = 0.15  # share of records whose pairs are kept out of RM training (its accuracy)
+    confusions_from: str = "reports/eval/sft"  # SFT predictions that weight label swaps ("" = uniform)
+    threads: int = 0
+    seed: int = 13
+
+
+# --------------------------------------------------------------------------------------------- pairs
+
+
+class Instruction(NamedTuple):
+    """One IE instruction: a record, the index of its instruction, that instruction's schema, and
+    the chat options its prompt is built with (system turn, format hint: as the SFT samples)."""
+
+    record: Record
+    index: int
+    schema: Schema
+    chat: ChatOptions = ChatOptions()
+
+    @property
+    def id(self) -> str:
+        return f"{self.record.id}#{self.index}"
+
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt turns (system if configured, user): the SFT sample of this instruction's."""
+        user = ie_user_prompt(self.record.task, self.record.text, self.schema, self.chat)
+        return messages_for(user, None, self.chat.system_prompt)
+
+    def gold(self) -> str:
+        return render(self.record, self.schema)
+
+
+def instructions(records: Iterable[Record], chat: ChatOptions) -> Iterator[Instruction]:
+    """Every instruction of every IE record, schemas as the SFT samples split and order them."""
+    for record in records:
+        if record.task not in IE_TASKS:
+            continue
+        for index, schema in enumerate(instruction_schemas(record, chat, train=True)):
+            yield Instruction(record, index, schema, chat)
+
+
+def pair_split(record_id: str, eval_fraction: float, seed: int) -> str:
+    """``eval`` for about ``eval_fraction`` of records (all their pairs), else ``train``."""
+    return "eval" if _unit("rm-eval", seed, record_id) < eval_fraction else "train"
+
+
+def sample_records(rows: Sequence[T], limit: int, seed: int, salt: str = "") -> list[T]:
+    """A seeded subset of ``limit`` rows (all if ``limit`` is 0), in their original order."""
+    if not limit or len(rows) <= limit:
+        return list(rows)
+    keep = set(random.Random(f"{seed}:{salt}").sample(range(len(rows)), limit))
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def negative_pairs(
+    records: Iterable[Record],
+    chat: ChatOptions,
+    settings: NegativeSettings,
+    confusion: ConfusionTable | None = None,
+    *,
+    eval_fraction: float = 0.0,
+    seed: int = 13,
+) -> list[dict[str, Any]]:
+    """Gold-vs-negative pairs for every instruction of ``records``."""
+    pairs = []
+    for inst in instructions(records, chat):
+        gold = inst.gold()
+        for negative in make_negatives(inst.record, inst.schema, settings, confusion, instruction=inst.index):
+            pairs.append(_pair(inst, "negative", negative.type, gold, negative.answer, eval_fraction, seed))
+    return pairs
+
+
+def _pair(
+    inst: Instruction,
+    source: str,
+    kind: str,
+    chosen: str,
+    rejected: str,
+    eval_fraction: float,
+    seed: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "id": f"{inst.id}:{kind}",
+        "record_id": inst.record.id,
+        "dataset": inst.record.dataset,
+        "task": inst.record.task,
+        "source": source,
+        "type": kind,
+        "split": pair_split(inst.record.id, eval_fraction, seed),
+        "prompt": inst.messages(),
+        "chosen": chosen,
+        "rejected": rejected,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------- judge-scored predictions
+
+
+def sample_answers(
+    model, tokenizer, jobs: Sequence[Instruction], settings: JudgedSettings
+) -> list[list[str]]:
+    """``settings.samples_per_prompt`` constrained, sampled answers per instruction (seeded)."""
+    from chatuie.decoding import IERequest, constrained_generate
+
+    k = settings.samples_per_prompt
+    prompts, requests = [], []
+    for inst in jobs:
+        prompt = tokenizer.apply_chat_template(inst.messages(), tokenize=False, add_generation_prompt=True)
+        request = IERequest(task=inst.record.task, text=inst.record.text, schema=inst.schema)
+        prompts.extend([prompt] * k)
+        requests.extend([request] * k)
+    answers: list[str] = []
+    size = settings.batch_size
+    shown = Progress("reward_data: sampled answers", len(prompts), unit="answer")
+    with torch.random.fork_rng(devices=[]), shown:
+        torch.manual_seed(settings.seed)
+        for start in range(0, len(prompts), size):  # batch by batch: the same draws as one call
+            answers += constrained_generate(
+                model,
+                tokenizer,
+                prompts[start : start + size],
+                requests[start : start + size],
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=True,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                batch_size=size,
+            )
+            shown.update(len(prompts[start : start + size]))
+    return [answers[i * k : (i + 1) * k] for i in range(len(jobs))]
+
+
+def judge_items(jobs: Sequence[Instruction], answers: Sequence[Sequence[str]]) -> list[JudgeItem]:
+    """One judge item per sampled answer (``gold`` is the instruction's gold, for the reference judge)."""
+    items = []
+    for inst, candidates in zip(jobs, answers, strict=True):
+        gold = inst.gold()
+        for j, candidate in enumerate(candidates):
+            items.append(
+                JudgeItem(
+                    id=f"{inst.id}/{j}",
+                    task=inst.record.task,
+                    text=inst.record.text,
+                    candidate=candidate,
+                    schema=inst.schema.to_dict(),
+                    instruction=_TASK_INSTRUCTION[inst.record.task],
+                    gold=gold,
+                )
+            )
+    return items
+
+
+def judged_pairs(
+    jobs: Sequence[Instruction],
+    answers: Sequence[Sequence[str]],
+    results: Sequence[JudgeResult],
+    margin: float,
+    *,
+    eval_fraction: float = 0.0,
+    seed: int = 13,
+) -> list[dict[str, Any]]:
+    """Best vs worst scored answer of each instruction, when the scores differ by >= ``margin``."""
+    pairs = []
+    flat = iter(results)
+    for inst, candidates in zip(jobs, answers, strict=True):
+        scored = []
+        for answer in candidates:
+            result = next(flat)
+            if result.score is not None:  # failed / unparseable / over budget: no evidence either way
+                scored.append((result.score, answer))
+        if len(scored) < 2:
+            continue
+        best = max(scored, key=lambda x: x[0])
+        worst = min(scored, key=lambda x: x[0])
+        if best[0] - worst[0] >= margin and best[1] != worst[1]:
+            pairs.append(
+                _pair(
+                    inst,
+                    "judge",
+                    "judge",
+                    best[1],
+                    worst[1],
+                    eval_fraction,
+                    seed,
+                    chosen_score=best[0],
+                    rejected_score=worst[0],
+                )
+            )
+    return pairs
+
+
+# -------------------------------------------------------------------------------------- reward model
+
+
+@dataclass(frozen=True)
+class RewardTrainSettings:
+    """``rm.train``: one reward-model run (TRL ``RewardTrainer``, CPU-safe)."""
+
+    max_steps: int = 100
+    learning_rate: float = 1e-4
+    # The score head's own rate (None: learning_rate). The head starts at zero and is one vector;
+    # at the backbone's rate it moved so little in 20 steps that pairs stayed near ties.
+    head_learning_rate: float | None = None
+    per_device_batch_size: int = 8  # pairs per step (twice as many sequences)
+    gradient_accumulation: int = 1
+    max_length: int = 512  # tokens per sequence: longer pairs are left out
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    # Pulls rewards toward zero mean (Eisenstein et al. 2023): PPO adds the score to a KL penalty.
+    center_rewards_coefficient: float | None = 0.01
+    logging_steps: int = 10
+    eval_batch_size: int = 16
+    # The input embedding stays as SFT left it: on Gemma it is 170 M of the 268 M parameters, and
+    # its gradient and Adam state cost more than what a few hundred pairs can teach it.
+    freeze_embeddings: bool = False
+    # The lowest decoder layers that keep their SFT weights: backward stops above them (time a step).
+    frozen_layers: int = 0
+    # bf16 autocast around fp32 weights and Adam state (Trainer's mixed precision): the matmuls run
+    # in bf16, updates stay fp32; scoring after training stays fp32. auto: on where this machine
+    # computes bfloat16 natively (AVX-512 BF16 / AMX / CUDA; chatuie.models.precision), off elsewhere.
+    bf16: bool | str = False
+    seed: int = 13
+    device: str = "cpu"  # "cpu" | "auto" (GPU if any)
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"rm.train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.frozen_layers < 0:
+            raise ValueError(f"rm.train.frozen_layers must be >= 0, got {self.frozen_layers}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ValueError(f"rm.train.head_learning_rate: > 0 or null, got {self.head_learning_rate}")
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":
+            raise ValueError(f"rm.train.bf16: expected true, false or auto, got {self.bf16!r}")
+
+
+class RewardTrainResult(NamedTuple):
+    model: Any
+    loss_log: list[dict[str, float]]
+    global_step: int
+    too_long: int  # pairs left out: a sequence longer than max_length
+
+
+def load_reward_base(sft_dir: str | Path):
+    """(sequence classifier with one logit, tokenizer) on the SFT model's weights.
+
+    The ``score`` head is new (zeros, so no seed is involved); ``lm_head`` is dropped.
+    ``pad_token_id`` goes into the config because the classifier reads the score at the last
+    non-pad token.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(sft_dir)
+    with contextlib.ExitStack() as stack:
+        if (path / "adapter_config.json").exists():
+            # A LoRA SFT model: its adapter folded into the base, the merged weights under the head.
+            merged, tokenizer = load_saved(path, dtype="float32")
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rm-base-")))
+            save_model(merge_lora(merged), tokenizer, path)
+            del merged
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} has no linear `score` head: the reward model needs a "
+            "transformers sequence classifier with one"
+        )
+    # A zero head: every pair starts at the Bradley-Terry loss ln 2 and the first steps learn
+    # what tells the answers apart. The seeded random head gave Gemma's large final hidden
+    # states scores several units apart (first loss 7.8), and 20 steps went into shrinking it
+    # (margins ~0.01, accuracy at chance).
+    torch.nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+    return model, tokenizer
+
+
+def load_reward_model(rm_dir: str | Path):
+    """A trained reward model (or a value model initialised from it) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_reward_model(model, tokenizer, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+class PairTokenizer:
+    """Token ids of ``prompt + answer + <|im_end|>`` (prompt ids cached: instructions repeat)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.end_id = tokenizer.eos_token_id  # <|im_end|>: the token PPO stops on and scores at
+        self._prompts: dict[str, list[int]] = {}
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        key = "\x00".join(f"{m['role']}\x01{m['content']}" for m in messages)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = self._prompts[key] = list(
+                self.tokenizer.apply_chat_template(
+                    [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        return ids
+
+    def __call__(self, messages: Sequence[dict[str, str]], answer: str) -> list[int]:
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return self.prompt_ids(messages) + list(answer_ids) + [self.end_id]
+
+
+def tokenize_pairs(
+    tokenizer, pairs: Sequence[dict[str, Any]], max_length: int | None
+) -> tuple[list[dict[str, list[int]]], list[int]]:
+    """``[{chosen_ids, rejected_ids}]`` for the pairs that fit ``max_length``, and their indices."""
+    encode = PairTokenizer(tokenizer)
+    rows, kept = [], []
+    for index, pair in enumerate(pairs):
+        chosen = encode(pair["prompt"], pair["chosen"])
+        rejected = encode(pair["prompt"], pair["rejected"])
+        if max_length is not None and max(len(chosen), len(rejected)) > max_length:
+            continue
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
+        kept.append(index)
+    return rows, kept
+
+
+def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overrides: Any):
+    """TRL ``RewardConfig`` for a CPU-safe run without checkpoints (``overrides`` win)."""
+    from trl import RewardConfig
+
+    if settings.device not in ("cpu", "auto"):
+        raise ValueError(f"device: expected 'cpu' or 'auto', got {settings.device!r}")
+    # Data-parallel (chatuie.train.launch): the params' batch x accumulation is the global batch.
+    batch, accumulation = per_process_batch(settings.per_device_batch_size, settings.gradient_accumulation)
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": settings.max_steps,
+        "learning_rate": settings.learning_rate,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
+        "warmup_steps": settings.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
+        "weight_decay": settings.weight_decay,
+        "lr_scheduler_type": settings.lr_scheduler,
+        "max_grad_norm": settings.max_grad_norm,
+        "center_rewards_coefficient": settings.center_rewards_coefficient,
+        "max_length": settings.max_length,
+        "logging_steps": settings.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "no",  # minutes-long run: a checkpoint costs more than a rerun
+        "eval_strategy": "no",
+        **trainer_safety_args(settings.device, settings.seed),
+        "bf16": resolve_autocast(settings.bf16, where="rm.train.bf16"),
+    }
+    kwargs.update(overrides)
+    return RewardConfig(**kwargs)
+
+
+def freeze_lower_layers(model, count: int) -> None:
+    """No gradient for the first ``count`` decoder layers (with a frozen input embedding, the
+    backward pass then stops above them: less time a step, the lower features stay as SFT left them)."""
+    if count <= 0:
+        return
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to freeze")
+    if count > len(layers):
+        raise ValueError(f"cannot freeze {count} layers: {type(model).__name__} has {len(layers)}")
+    for layer in layers[:count]:
+        layer.requires_grad_(False)
+
+
+def head_rate_optimizer(model, settings: RewardTrainSettings) -> torch.optim.Optimizer | None:
+    """AdamW with the ``score`` head in its own group at ``head_learning_rate``; None when the head
+    trains at the backbone's rate (the Trainer then builds its optimizer as usual).
+
+    The Trainer's schedule scales each group from its own rate, so warmup and decay apply to both.
+    """
+    if settings.head_learning_rate is None or settings.head_learning_rate == settings.learning_rate:
+        return None
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if name.split(".")[0] == "score" else backbone).append(param)
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no trainable `score` head for head_learning_rate")
+    groups = [{"params": head, "lr": settings.head_learning_rate}]
+    if backbone:
+        groups.insert(0, {"params": backbone, "lr": settings.learning_rate})
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def train_reward_model(
+    model,
+    tokenizer,
+    pairs: Sequence[dict[str, Any]],
+    settings: RewardTrainSettings,
+    output_dir: str | Path | None = None,
+    **config_overrides: Any,
+) -> RewardTrainResult:
+    """Bradley-Terry training of ``model`` on ``pairs`` (``prompt``/``chosen``/``rejected``)."""
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    rows, kept = tokenize_pairs(tokenizer, pairs, settings.max_length)
+    too_long = len(pairs) - len(kept)
+    if not rows:
+        raise ValueError(f"no reward pair fits max_length={settings.max_length} (of {len(pairs)})")
+    if too_long:
+        log.warning(
+            "%d of %d pairs exceed max_length=%d tokens: left out", too_long, len(pairs), settings.max_length
+        )
+    if settings.freeze_embeddings:
+        freeze_input_embeddings(model)
+    freeze_lower_layers(model, settings.frozen_layers)
+    optimizer = head_rate_optimizer(model, settings)
+    with tempfile.TemporaryDirectory(prefix="rm-") as scratch:
+        args = reward_config(settings, output_dir or scratch, **config_overrides)
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            optimizers=(optimizer, None),  # None: the Trainer's own (AdamW) / its warmup-decay schedule
+            callbacks=[TrainingProgress("rm")],
+        )
+        trainer.train()
+    loss_log = [
+        {"step": int(e["step"]), "loss": float(e["loss"]), "accuracy": float(e.get("accuracy", float("nan")))}
+        for e in trainer.state.log_history
+        if "loss" in e and "step" in e
+    ]
+    model = trainer.model
+    model.eval()
+    return RewardTrainResult(model, loss_log, trainer.state.global_step, too_long)
+
+
+@torch.no_grad()
+def score_sequences(
+    model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16
+) -> list[float]:
+    """The reward model's score of each token sequence (right-padded; read at its last token)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # Length-sorted batches: little padding; results go back to the input order.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = torch.as_tensor(list(sequences[i]), dtype=torch.long)
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+        for row, i in enumerate(chunk):
+            out[i] = float(logits[row])
+    if was_training:
+        model.train()
+    return out
+
+
+def pairwise_accuracy(
+    model, tokenizer, pairs: Sequence[dict[str, Any]], batch_size: int = 16, max_length: int | None = None
+) -> dict[str, Any]:
+    """Share of pairs where the chosen answer out-scores the rejected one: overall, by type, by dataset."""
+    rows, kept = tokenize_pairs(tokenizer, pairs, max_length)
+    sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    scores = score_sequences(model, sequences, tokenizer.pad_token_id, batch_size)
+    n = len(rows)
+    # A tie (an untrained zero head scores every answer alike) counts half: chance is 50 %.
+    margins = [scores[i] - scores[n + i] for i in range(n)]
+    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+
+    def summary(indices: list[int]) -> dict[str, Any]:
+        if not indices:
+            return {"accuracy": None, "pairs": 0}
+        return {
+            "accuracy": round(100 * sum(wins[i] for i in indices) / len(indices), 2),
+            "pairs": len(indices),
+            "mean_margin": round(sum(margins[i] for i in indices) / len(indices), 4),
+        }
+
+    by_type: dict[str, list[int]] = defaultdict(list)
+    by_dataset: dict[str, list[int]] = defaultdict(list)
+    for i, index in enumerate(kept):
+        pair = pairs[index]
+        by_type[pair["type"]].append(i)
+        by_dataset[pair["dataset"]].append(i)
+    return {
+        **summary(list(range(n))),
+        "too_long": len(pairs) - n,
+        "by_type": {k: summary(v) for k, v in sorted(by_type.items())},
+        "by_dataset": {k: summary(v) for k, v in sorted(by_dataset.items())},
+        "mean_chosen_reward": round(sum(scores[:n]) / n, 4) if n else None,
+        "mean_rejected_reward": round(sum(scores[n:]) / n, 4) if n else None,
+    }

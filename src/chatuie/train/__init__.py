@@ -1,0 +1,1 @@
+"""Supervised training: the trainer settings, the answer loss, launching over processes."""
