@@ -51,7 +51,8 @@ class TeachSettings:
     packing: bool = False
     # "answer_nll": answer tokens only, the output head in the weights' dtype
     # (chatuie.train.answer_loss; ~2.5x faster steps on Gemma here, bench/train.py) |
-    # "chunked_nll": TRL 1.12's default (the head in float32, in checkpointed chunks) | "nll": the plain cross-entropy over every position
+    # "chunked_nll": TRL 1.12's default (the head in float32, in checkpointed chunks) |
+    # "nll": the plain cross-entropy over every position
     loss_type: str = "chunked_nll"
     device: str = "cpu"  # "cpu" (use_cpu=True, reproducible on the reference machine) | "auto" (GPU if any)
 
