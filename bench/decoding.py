@@ -8,10 +8,10 @@ Without ``--model`` it builds everything locally (no hub): a byte-level BPE trai
 project's record texts and gold answers (so JSON punctuation merges into words, as in real
 vocabularies) and a randomly initialised Llama. ``--model DIR`` loads a saved model directory.
 
-    python bench/decoding.py                       # tiny random model
-    python bench/decoding.py --model models/sft    # a real checkpoint (LoRA merged)
-    python bench/decoding.py --model models/sft --dtype bfloat16 --out bench/results/decoding_gemma_bf16.json
-    python bench/decoding.py --profile bench/results/decoding.prof
+    python -m bench.decoding                       # tiny random model
+    python -m bench.decoding --model models/sft    # a real checkpoint (LoRA merged)
+    python -m bench.decoding --model models/sft --dtype bfloat16 --out bench/results/decoding_gemma_bf16.json
+    python -m bench.decoding --profile bench/results/decoding.prof
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ slice of the 262,144-token output head), in float32 and bfloat16, and writes the
 class and what ``auto`` resolves to. Each product runs at most ``--budget`` seconds per dtype
 (after one warm-up call), so an emulated bfloat16 cannot stall the run.
 
-    python bench/precision.py                                   # bench/results/precision_<class>.json
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/precision.py --out /tmp/limited.json
+    python -m bench.precision                                   # bench/results/precision_<class>.json
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python -m bench.precision --out /tmp/limited.json
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from chatuie.models.precision import current_device, resolve_dtype
 
-from chatuie.models.precision import current_device, resolve_dtype  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (m, k, n): tokens x in x out
 SHAPES = {

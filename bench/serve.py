@@ -12,8 +12,8 @@ which holds up when other processes load the machine. Results go to
 Model: ``--model DIR`` (a saved model directory), else ``models/sft`` if present, else a tiny
 model built here (byte-level BPE trained on the benchmark texts, a random Llama): no hub.
 
-    python bench/serve.py
-    python bench/serve.py --model models/sft --requests 64
+    python -m bench.serve
+    python -m bench.serve --model models/sft --requests 64
 """
 
 from __future__ import annotations

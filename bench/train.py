@@ -15,9 +15,9 @@ glibc's own allocator instead. Results go to ``bench/results/train.json``; the r
 tokens/s is the trainer's overhead, and samples/s is what F1 per CPU-minute follows. Other
 processes on the machine slow both loops: the load average is recorded beside the numbers.
 
-    python bench/train.py                                   # all variants on models/base
-    python bench/train.py --variants lora-bf16,lora-fp32 --steps 4
-    python bench/train.py --variants lora-bf16-nodropout,lora-bf16-nodropout-answerloss \
+    python -m bench.train                                   # all variants on models/base
+    python -m bench.train --variants lora-bf16,lora-fp32 --steps 4
+    python -m bench.train --variants lora-bf16-nodropout,lora-bf16-nodropout-answerloss \
         --out bench/results/train_kept.json           # and again with --glibc-default
 """
 
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -37,17 +36,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from chatuie.config import build, load_params
+from chatuie.io import read_jsonl
+from chatuie.models.modeling import LoraSettings, ModelConfig, load_model
+from chatuie.models.precision import current_device, resolve_dtype
+from chatuie.train.allocator import keep_freed_memory
+from chatuie.train.trainer import fitting_samples, sft_trainer
+from tasks.sft import SFTStageConfig, select_samples  # the stage's own sample selection
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tasks"))
-
-from sft import SFTStageConfig, select_samples  # noqa: E402  (the stage's own sample selection)
-
-from chatuie.config import build, load_params  # noqa: E402
-from chatuie.io import read_jsonl  # noqa: E402
-from chatuie.models.modeling import LoraSettings, ModelConfig, load_model  # noqa: E402
-from chatuie.models.precision import current_device, resolve_dtype  # noqa: E402
-from chatuie.train.allocator import keep_freed_memory  # noqa: E402
-from chatuie.train.trainer import fitting_samples, sft_trainer  # noqa: E402
 
 ALL_LINEAR = ["all-linear"]
 # name -> (base dtype, LoRA changes (None: full fine-tuning), TeachSettings changes, compile). LoRA

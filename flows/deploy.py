@@ -1,9 +1,9 @@
 """The pipeline flow as a scheduled Prefect deployment (schedule from params.yaml's ``flow``).
 
-    python flows/deploy.py serve                     # long-running: applies it, runs it on schedule
-    python flows/deploy.py deploy --work-pool NAME   # register it with a work pool (a worker runs it)
+    python -m flows.deploy serve                     # long-running: applies it, runs it on schedule
+    python -m flows.deploy deploy --work-pool NAME   # register it with a work pool (a worker runs it)
 
-    python flows/deploy.py deploy-stage [--work-pool NAME]  # the one-stage flow (flow.remote_stages)
+    python -m flows.deploy deploy-stage [--work-pool NAME]  # the one-stage flow (flow.remote_stages)
 
 ``serve`` needs a Prefect API (``prefect server start`` + ``PREFECT_API_URL``, or the ephemeral one);
 ``deploy`` needs a server and a work pool, e.g. ``prefect work-pool create NAME --type process`` and
@@ -16,18 +16,15 @@ sends the stages of ``flow.remote_stages`` there, and a worker of that pool runs
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from uuid import UUID
 
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron, Schedule
+
+from flows.pipeline import FlowConfig, flow_config, pipeline, stage_flow
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python flows/deploy.py` puts flows/, not the root, on sys.path
-    sys.path.insert(0, str(ROOT))
-
-from prefect.deployments.runner import RunnerDeployment  # noqa: E402
-from prefect.schedules import Cron, Schedule  # noqa: E402
-
-from flows.pipeline import FlowConfig, flow_config, pipeline, stage_flow  # noqa: E402
 
 
 def schedule_of(config: FlowConfig) -> Schedule:

@@ -15,13 +15,13 @@ Prefect's UI draws the same graph.
 * A markdown artifact (key ``chatuie-pipeline``) lists the stages, their metrics and MLflow runs.
 * Stages in ``flow.remote_stages`` (e.g. ``[sft, rm, rl]``) run as flow runs of the stage deployment
   (``chatuie-stage/<flow.stage_deployment>``, :func:`stage_flow`, registered on the work pool
-  ``flow.work_pool`` by ``python flows/deploy.py deploy-stage``): a worker of that pool (a GPU
+  ``flow.work_pool`` by ``python -m flows.deploy deploy-stage``): a worker of that pool (a GPU
   machine) picks each up and runs ``dvc repro --single-item`` in the deployment's checkout; this
   flow waits for it (a subflow run of its task run). That checkout is the deployment's ``root``
   parameter: this repository on a shared filesystem (or the same machine), so outputs and
   dvc.lock land here; the MLflow run joins this execution's parent run (same server).
 
-Run once: ``python flows/pipeline.py [--set key=value ...] [--target stage ...] [--force]``.
+Run once: ``python -m flows.pipeline [--set key=value ...] [--target stage ...] [--force]``.
 """
 
 from __future__ import annotations
@@ -42,14 +42,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from chatuie import tracking
 from chatuie.config import build, load_params
+from tasks._stage import stage_address
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "chatuie-pipeline"
 STAGE_FLOW = "chatuie-stage"  # the flow of one stage (flow.remote_stages run as its deployment's runs)
-if str(ROOT / "tasks") not in sys.path:  # the stage entry points' shared module: stage names
-    sys.path.insert(0, str(ROOT / "tasks"))
-
-from _stage import stage_address  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 ``run(main)`` tracks the stage run in MLflow (chatuie.tracking) unless ``CHATUIE_TRACKING=off``.
 The stage is recognised from dvc.yaml through DVC itself (foreach/matrix/vars resolved): the stage
-whose ``cmd`` is this process's command line (``python tasks/evaluate.py sft`` -> ``evaluate@sft``),
+whose ``cmd`` is this process's command line (``python -m tasks.evaluate sft`` -> ``evaluate@sft``),
 or the one named by ``run(main, stage=...)`` / ``CHATUIE_STAGE``. DVC also gives the md5 of each
 dependency (from its state cache: the hashes ``dvc repro`` just checked).
 """
@@ -92,12 +92,15 @@ def _tracked(stage: str | None) -> Iterator[None]:
 
 
 def _argv_of(cmd: str) -> list[str]:
-    """``python -u tasks/x.py a`` -> ``["tasks/x.py", "a"]``: the script and its arguments."""
+    """``python -u -m tasks.x a`` (or ``python -m tasks.x a``) -> ``["tasks/x.py", "a"]``: the
+    script and its arguments."""
     words = shlex.split(cmd)
     if words and Path(words[0]).name.startswith("python"):
         words = words[1:]
         while words and words[0].startswith("-") and words[0] != "-m":
             words = words[1:]
+    if len(words) >= 2 and words[0] == "-m":
+        words = [words[1].replace(".", "/") + ".py", *words[2:]]
     return words
 
 

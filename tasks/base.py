@@ -18,14 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _stage import record_precision, run, section, set_threads
-
 from chatuie.data.prompts import repeat_samples
 from chatuie.io import read_jsonl, write_json
 from chatuie.models.modeling import NOTE_FILE, ModelConfig, chat_texts, load_model, packaged_dtype, save_model
 from chatuie.models.packaged import convert, packaged_name
 from chatuie.models.precision import resolve_dtype
 from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, teach_to_answer
+from tasks._stage import record_precision, run, section, set_threads
 
 OUT = Path("models/base")
 

@@ -14,7 +14,7 @@ Every mistake found is printed (one line each, section by section), then exit st
 it writes reports/params_check.json, whose content never depends on the params: the stages after it
 see the same dependency and rerun only for their own reasons.
 
-    python tasks/check_params.py [PARAMS_FILE]     # params.yaml by default
+    python -m tasks.check_params [PARAMS_FILE]     # params.yaml by default
 """
 
 from __future__ import annotations
@@ -31,22 +31,21 @@ from chatuie.config import ConfigError, build, load_params
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("reports/params_check.json")
 
-# section -> (module, class): what the stage reading that section builds it with. Stage scripts'
-# own configs are imported from tasks/ (on sys.path as this script's folder).
+# section -> (module, class): what the stage reading that section builds it with.
 SECTIONS: dict[str, tuple[str, str]] = {
     "prepare": ("chatuie.data.prepare", "PrepareConfig"),
     "samples": ("chatuie.data.samples", "SamplesConfig"),
     "validate": ("chatuie.data.validation", "ValidateConfig"),
     "model": ("chatuie.models.modeling", "ModelConfig"),
-    "base": ("base", "BaseStageConfig"),
-    "sft": ("sft", "SFTStageConfig"),
-    "evaluate": ("evaluate", "EvaluateStageConfig"),
+    "base": ("tasks.base", "BaseStageConfig"),
+    "sft": ("tasks.sft", "SFTStageConfig"),
+    "evaluate": ("tasks.evaluate", "EvaluateStageConfig"),
     "report": ("chatuie.eval.report", "ReportConfig"),
     "judge": ("chatuie.reward.judge", "JudgeConfig"),
     "reward_data": ("chatuie.reward.model", "RewardDataConfig"),
-    "rm": ("rm", "RMStageConfig"),
-    "rl": ("rl", "RLStageConfig"),
-    "register": ("register", "RegisterConfig"),
+    "rm": ("tasks.rm", "RMStageConfig"),
+    "rl": ("tasks.rl", "RLStageConfig"),
+    "register": ("tasks.register", "RegisterConfig"),
     "promote": ("chatuie.eval.gate", "PromotionPolicy"),
     "flow": ("flows.pipeline", "FlowConfig"),
 }
@@ -54,8 +53,6 @@ SECTIONS: dict[str, tuple[str, str]] = {
 
 def _config_class(section: str) -> type:
     module, name = SECTIONS[section]
-    if module.startswith("flows.") and str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))  # appended: the mlflow/ store folder must not shadow the package
     return getattr(importlib.import_module(module), name)
 
 

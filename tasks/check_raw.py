@@ -18,7 +18,7 @@ The files are named from the pinned listing in the DVC cache (.dvc/cache, there 
 `dvc pull data/raw.dvc`). Changing the raw data on purpose is `dvc add data/raw` and a commit of
 data/raw.dvc: a new pin, so a new output here (``{"data/raw": "<md5>"}``), and prepare reruns.
 
-    python tasks/check_raw.py [DVC_FILE]     # data/raw.dvc by default
+    python -m tasks.check_raw [DVC_FILE]     # data/raw.dvc by default
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from _stage import record_precision, run, section, set_threads
-
 from chatuie.config import ConfigError
 from chatuie.data.prepare import load_records
 from chatuie.data.prompts import ChatOptions
@@ -30,6 +28,7 @@ from chatuie.eval.evaluation import (
 from chatuie.io import atomic_open, write_json, write_jsonl
 from chatuie.models.modeling import load_saved, merge_lora
 from chatuie.models.precision import resolve_dtype
+from tasks._stage import record_precision, run, section, set_threads
 
 IE_TEST = {"resume": "test", "conll04": "test", "fewfc": "test"}
 

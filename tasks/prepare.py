@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _stage import run, section
-
 from chatuie.config import load_params
 from chatuie.data.prepare import (
     PrepareConfig,
@@ -16,6 +14,7 @@ from chatuie.data.prepare import (
     write_user_extras,
 )
 from chatuie.io import write_json
+from tasks._stage import run, section
 
 
 def main() -> None:

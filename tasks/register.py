@@ -16,13 +16,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from _stage import run, section
-
 from chatuie.config import ConfigError
 from chatuie.eval.comparison import record_scores
 from chatuie.eval.gate import Baseline, PromotionPolicy
 from chatuie.io import write_json
 from chatuie.tracking import promote, register_model
+from tasks._stage import run, section
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _stage import run, section
-
 from chatuie.config import ConfigError
 from chatuie.eval.report import ReportConfig, ReportError, write_report
+from tasks._stage import run, section
 
 
 def main() -> None:

@@ -20,8 +20,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _stage import record_precision, run, section, set_threads
-
 from chatuie.config import ConfigError, build, load_params
 from chatuie.data.prepare import load_records
 from chatuie.data.records import Record
@@ -41,6 +39,7 @@ from chatuie.reward.model import (
     sample_records,
 )
 from chatuie.reward.negatives import ConfusionTable
+from tasks._stage import record_precision, run, section, set_threads
 
 RECORDS = Path("data/records")
 OUT = Path("data/reward")

@@ -1,6 +1,6 @@
 """Stage `rl`: RL from the SFT model under a KL penalty (models/rl/); `rl.algorithm`: ppo | grpo.
 
-``python tasks/rl.py`` trains on instructions of the IE datasets' training records and saves the
+``python -m tasks.rl`` trains on instructions of the IE datasets' training records and saves the
 policy with ``save_model`` (so ``tasks/evaluate.py rl`` works unchanged); metrics/rl_train.json
 has the algorithm, steps, reward at the start and end, KL and seconds.
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from _stage import run, section, set_threads
 
 from chatuie.config import ConfigError
 from chatuie.data.prepare import load_records
@@ -36,6 +34,7 @@ from chatuie.rl.trainer import (
     train_ppo,
 )
 from chatuie.train.trainer import TrainingProgress, claim_checkpoints, file_digest
+from tasks._stage import run, section, set_threads
 
 SFT = Path("models/sft")
 RM = Path("models/rm")

@@ -1,6 +1,6 @@
 """Stage `rl_compare`: what RL changed over SFT, on the same test records, with paired intervals.
 
-``python tasks/rl_compare.py [base new]`` (default ``sft rl``) reads metrics/<model>.json and the
+``python -m tasks.rl_compare [base new]`` (default ``sft rl``) reads metrics/<model>.json and the
 per-record predictions under reports/eval/<model>/ (the evaluate stage's) and writes
 metrics/<new>_vs_<base>.json: the F1 gained per dataset and constraint mode (the headline mode's
 with its 95 % paired bootstrap interval), the mean IE F1 gain with its interval, and each chat
@@ -12,10 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _stage import run
-
 from chatuie.eval.comparison import compare_runs, paired_gain, record_scores
 from chatuie.io import read_json, write_json
+from tasks._stage import run
 
 
 def compare(base: str, new: str) -> dict:

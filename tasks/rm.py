@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _stage import record_precision, run, section, set_threads
-
 from chatuie.config import ConfigError
 from chatuie.io import atomic_open, read_jsonl, write_json
 from chatuie.models.precision import resolve_autocast
@@ -26,6 +24,7 @@ from chatuie.reward.model import (
     train_reward_model,
 )
 from chatuie.train.launch import LaunchSettings, is_main_process, relaunch
+from tasks._stage import record_precision, run, section, set_threads
 
 OUT = Path("models/rm")
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _stage import run, section
-
 from chatuie.data.prepare import load_records
 from chatuie.data.samples import SamplesConfig, build_all, write_samples
 from chatuie.io import write_json
+from tasks._stage import run, section
 
 
 def main() -> None:

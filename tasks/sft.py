@@ -12,9 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _stage import record_precision, run, section, set_threads
-from base import write_loss_curve
-
 from chatuie.config import ConfigError
 from chatuie.data.prompts import save_prompt_options
 from chatuie.data.samples import SamplesConfig
@@ -24,6 +21,8 @@ from chatuie.models.precision import resolve_dtype
 from chatuie.reward.model import HeldoutSplit, is_heldout
 from chatuie.train.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
 from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, train_sft
+from tasks._stage import record_precision, run, section, set_threads
+from tasks.base import write_loss_curve
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _stage import run, section
-
 from chatuie.data.prepare import load_records
 from chatuie.data.validation import (
     ValidateConfig,
@@ -20,6 +18,7 @@ from chatuie.data.validation import (
     sample_tables,
 )
 from chatuie.io import read_jsonl, write_json
+from tasks._stage import run, section
 
 
 def main() -> None:

@@ -12,8 +12,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RAW = ROOT / "data" / "raw"
 VENV_BIN = Path(sys.executable).parent
 
-# Stage scripts import their shared helper as a top-level module.
-sys.path.insert(0, str(ROOT / "tasks"))
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +24,7 @@ def raw_dir() -> Path:
 @pytest.fixture()
 def subprocess_env() -> dict[str, str]:
     """Environment for running stages and tools from this venv in a subprocess."""
-    from pipeline_repo import tool_env
+    from tests.helpers.pipeline_repo import tool_env
 
     return tool_env()
 
@@ -34,7 +32,7 @@ def subprocess_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The one tracked `dvc repro` of the smoke pipeline in this test process (smoke_pipeline.py)."""
-    from smoke_pipeline import smoke
+    from tests.helpers.smoke_pipeline import smoke
 
     return smoke(tmp_path_factory)
 
@@ -42,7 +40,7 @@ def smoke_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smoke_repo(smoke_run, tmp_path_factory) -> Path:
     """A copy of that run's repo (outputs, DVC cache; an empty MLflow store) for tests that rerun stages."""
-    from smoke_pipeline import clone
+    from tests.helpers.smoke_pipeline import clone
 
     return clone(smoke_run.snapshot, tmp_path_factory.mktemp("smoke-copy") / "repo")
 

@@ -12,10 +12,10 @@ import types
 import typing
 
 import pytest
-from check_params import SECTIONS, _config_class, check
 from conftest import params_with
 
 from chatuie.config import ConfigError, build, range_of
+from tasks.check_params import SECTIONS, _config_class, check
 
 
 def _has_number(hint: typing.Any) -> bool:

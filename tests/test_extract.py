@@ -13,14 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir  # noqa: E402
-
-from chatuie.cli import app  # noqa: E402
-from chatuie.data.records import Argument, Entity, Event, Relation, Schema, Trigger  # noqa: E402
-from chatuie.decoding import constrained_generate  # noqa: E402
-from chatuie.models.modeling import load_saved  # noqa: E402
-from chatuie.serve.extract import (  # noqa: E402
+from chatuie.cli import app
+from chatuie.data.records import Argument, Entity, Event, Relation, Schema, Trigger
+from chatuie.decoding import constrained_generate
+from chatuie.models.modeling import load_saved
+from chatuie.serve.extract import (
     ExtractError,
     ExtractionSchema,
     Extractor,
@@ -34,6 +31,7 @@ from chatuie.serve.extract import (  # noqa: E402
     plan_windows,
     read_inputs,
 )
+from tests.helpers.tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir
 
 runner = CliRunner()
 

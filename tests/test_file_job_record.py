@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir  # noqa: E402
-
-from chatuie.cli import app  # noqa: E402
-from chatuie.models.modeling import load_saved  # noqa: E402
-from chatuie.serve.extract import (  # noqa: E402
+from chatuie.cli import app
+from chatuie.models.modeling import load_saved
+from chatuie.serve.extract import (
     ExtractError,
     ExtractionSchema,
     Extractor,
     ExtractSettings,
     extract_file,
 )
+from tests.helpers.tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir
 
 runner = CliRunner()
 NER = {"entities": ["Peop", "Org"]}

@@ -10,22 +10,18 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from smoke_pipeline import VENV_BIN, clone, env, sh
 
 from chatuie import tracking
+from flows.pipeline import apply_overrides, stage_graph
+from tests.helpers.smoke_pipeline import VENV_BIN, clone, env, sh
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from flows.pipeline import apply_overrides, stage_graph  # noqa: E402
 
 # A stage that fails on its first attempt and passes on the second: the flow's retry at work.
 PROBE = (

@@ -29,9 +29,7 @@ from chatuie.reward.judge import (
     reference_score,
     score_all,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from judge_server import JudgeServer, expected_score, prompt_hash  # noqa: E402
+from tests.helpers.judge_server import JudgeServer, expected_score, prompt_hash
 
 KEY_ENV = "CHATUIE_TEST_JUDGE_KEY"
 SECRET = "sk-test-S3CRET-9f8e7d6c5b4a"

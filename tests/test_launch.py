@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smoke_pipeline import clone, sh, stage_running_until
 
 from chatuie import tracking
 from chatuie.config import ConfigError, build, load_params
 from chatuie.train.launch import LaunchError, LaunchSettings, launch_command, per_process_batch, relaunch
+from tests.helpers.smoke_pipeline import clone, sh, stage_running_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # Loss after N steps, 2 processes vs 1, same global batch: the same samples make each global
@@ -45,9 +45,6 @@ def _assert_close(got: dict[int, float], want: dict[int, float], skip: set[int] 
 
 
 def _set(repo: Path, **dotted: object) -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from flows.pipeline import apply_overrides
 
     apply_overrides(repo / "params.yaml", dotted)
@@ -115,18 +112,13 @@ def test_launch_command_and_checks(tmp_path: Path) -> None:
 
 def _section_readers() -> dict[str, type]:
     """Section name -> the dataclass a stage (or the flow) builds it into, found in tasks/*.py."""
-    import sys
-
-    for path in (ROOT / "tasks", ROOT):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
     readers: dict[str, type] = {}
     for script in sorted((ROOT / "tasks").glob("*.py")):
         text = script.read_text(encoding="utf-8")
         calls = re.findall(r'section\("(\w+)", (\w+)\)', text)
         if not calls:
             continue
-        module = importlib.import_module(script.stem)
+        module = importlib.import_module(f"tasks.{script.stem}")
         for name, cls in calls:
             readers[name] = getattr(module, cls)
     from chatuie.reward.judge import JudgeConfig

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from check_params import SECTIONS, check
 from conftest import ROOT, params_with
-from pipeline_repo import make_repo, run, tool_env
+
+from tasks.check_params import SECTIONS, check
+from tests.helpers.pipeline_repo import make_repo, run, tool_env
 
 
 @pytest.fixture()

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_repo import make_repo, run, up_to_date
+
+from tests.helpers.pipeline_repo import make_repo, run, up_to_date
 
 
 @pytest.fixture(scope="module")

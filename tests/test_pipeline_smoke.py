@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_repo import run, up_to_date
+
+from tests.helpers.pipeline_repo import run, up_to_date
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +61,9 @@ def test_rerun_is_up_to_date_and_forced_eval_is_deterministic(smoke_repo: Path) 
 def test_declared_datasets_are_taught_scored_and_reported(smoke_repo: Path) -> None:
     """The smoke profile declares smoke_ner (doccano; SFT and evaluate) and smoke_re (triples with
     a schema file; zero-shot only), under data/user/smoke tracked with `dvc add`."""
-    from sft import SFTStageConfig, select_samples
-
     from chatuie.config import build, load_params
     from chatuie.io import read_jsonl
+    from tasks.sft import SFTStageConfig, select_samples
 
     records = smoke_repo / "data" / "records"
     assert json.loads((records / "smoke_re" / "schema.json").read_text())["relations"][0] == {

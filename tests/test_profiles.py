@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-from pipeline_repo import run, tool_env
+
+from tests.helpers.pipeline_repo import run, tool_env
 
 FILES = [
     "Makefile",

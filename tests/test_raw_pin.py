@@ -12,9 +12,10 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from check_raw import check, dir_md5, listing
 from conftest import ROOT
-from pipeline_repo import make_repo, run, tool_env
+
+from tasks.check_raw import check, dir_md5, listing
+from tests.helpers.pipeline_repo import make_repo, run, tool_env
 
 PINNED = "8dd5cb89472d7affab57d8bf1b914da0.dir"  # data/raw.dvc as committed
 EDITED = "a40750c1dd227c1c3cb5b223a79b0f77.dir"  # what `dvc repro` re-recorded after the edit below

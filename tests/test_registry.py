@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from smoke_pipeline import VENV_BIN, clone, env, params, sh
 
 from chatuie import tracking
 from chatuie.eval.gate import PromotionPolicy, decide
+from tests.helpers.smoke_pipeline import VENV_BIN, clone, env, params, sh
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 

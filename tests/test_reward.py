@@ -1,7 +1,7 @@
 """Reward data (negatives + judge-scored SFT answers) and the reward model. CPU, tiny sizes.
 
 The `reward_data` stage runs for real (a subprocess in a temp project) against the local
-chat-completions server of tests/judge_server.py through the real ``openai`` client; a rerun must
+chat-completions server of tests/helpers/judge_server.py through the real ``openai`` client; a rerun must
 make no judge call, and the API key must appear in no file the stages write.
 """
 
@@ -49,9 +49,7 @@ from chatuie.reward.model import (
     train_reward_model,
 )
 from chatuie.reward.negatives import NegativeSettings
-
-sys.path.insert(0, str(Path(__file__).parent))
-from judge_server import JudgeServer  # noqa: E402
+from tests.helpers.judge_server import JudgeServer
 
 KEY_ENV = "CHATUIE_TEST_RM_JUDGE_KEY"
 SECRET = "sk-rm-test-S3CRET-0a1b2c3d4e5f"

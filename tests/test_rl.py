@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 import pytest
 import torch
+from test_reward import CHAT, IE, build_project, fixture_records
 from transformers import TrainerCallback
 
 from chatuie.data.records import Schema
@@ -33,9 +33,6 @@ from chatuie.rl.trainer import (
     train_grpo,
     train_ppo,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_reward import CHAT, IE, build_project, fixture_records  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -487,8 +484,8 @@ def test_grpo_batch_must_hold_whole_groups(project: Path, prompts: list[dict[str
 
 @pytest.mark.slow
 def test_smoke_pipeline_through_rl_compare(smoke_run, tmp_path: Path) -> None:
-    from pipeline_repo import run, tool_env, up_to_date
-    from smoke_pipeline import clone
+    from tests.helpers.pipeline_repo import run, tool_env, up_to_date
+    from tests.helpers.smoke_pipeline import clone
 
     repo = smoke_run.repo  # read only: the shared smoke `dvc repro` went through rl_compare
     seconds = smoke_run.seconds
@@ -496,7 +493,7 @@ def test_smoke_pipeline_through_rl_compare(smoke_run, tmp_path: Path) -> None:
     assert metrics["reward_data"]["pairs"]["train"] > 0 and metrics["reward_data"]["judged"]["prompts"] > 0
     assert metrics["rm"]["accuracy"] is not None
     assert metrics["rl_train"]["algorithm"] == "ppo" and metrics["rl_train"]["steps"] > 0
-    from smoke_pipeline import params
+    from tests.helpers.smoke_pipeline import params
 
     evaluated = set(params(repo)["evaluate"]["datasets"])  # IE plus the profile's declared smoke_ner
     assert evaluated >= set(IE) and set(metrics["rl"]["ie"]) == evaluated
@@ -529,10 +526,8 @@ def test_smoke_pipeline_through_rl_compare(smoke_run, tmp_path: Path) -> None:
 def test_rl_stage_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path: Path) -> None:
     import signal
 
-    from smoke_pipeline import clone, sh, stage_running_until
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
     from flows.pipeline import apply_overrides
+    from tests.helpers.smoke_pipeline import clone, sh, stage_running_until
 
     repo = clone(smoke_run.snapshot, tmp_path / "repo")
     apply_overrides(repo / "params.yaml", {"rl.ppo.total_episodes": 16})  # 4 updates of 4 rollouts

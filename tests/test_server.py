@@ -4,27 +4,23 @@ server-side batching. Servers run in a thread of the test process, on free 127.0
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir  # noqa: E402
-
-from chatuie.data.prompts import ie_user_prompt  # noqa: E402
-from chatuie.data.records import Schema  # noqa: E402
-from chatuie.models.modeling import load_saved  # noqa: E402
-from chatuie.reward.judge import JudgeConfig, JudgeItem, score_all  # noqa: E402
-from chatuie.serve.extract import Extractor, ExtractSettings  # noqa: E402
-from chatuie.serve.server import BackgroundServer, ServerSettings, create_app, parse_ie_prompt  # noqa: E402
+from chatuie.data.prompts import ie_user_prompt
+from chatuie.data.records import Schema
+from chatuie.models.modeling import load_saved
+from chatuie.reward.judge import JudgeConfig, JudgeItem, score_all
+from chatuie.serve.extract import Extractor, ExtractSettings
+from chatuie.serve.server import BackgroundServer, ServerSettings, create_app, parse_ie_prompt
+from tests.helpers.tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir
 
 KEY = "sk-local-test-7a6b5c"
 KEY_ENV = "CHATUIE_TEST_SERVER_KEY"

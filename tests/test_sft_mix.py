@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from sft import SFTStageConfig, select_samples
 
 from chatuie.config import ConfigError, build
 from chatuie.reward.model import HeldoutSplit
+from tasks.sft import SFTStageConfig, select_samples
 
 
 def _samples() -> list[dict]:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_repo import up_to_date
-from smoke_pipeline import FAKE_SECRET, VENV_BIN, clone, env, sh
 
 from chatuie import tracking
 from chatuie.tracking import PlotFile, StageInfo, TrackingError
+from tests.helpers.pipeline_repo import up_to_date
+from tests.helpers.smoke_pipeline import FAKE_SECRET, VENV_BIN, clone, env, sh
 
 SECRET = "tok-abcdefgh-12345678"
 
@@ -171,7 +171,7 @@ def test_unreachable_server_is_one_clear_error(store: Path, monkeypatch: pytest.
     expected = rf"MLflow at http://127.0.0.1:{port}: starting the run"
     with pytest.raises(TrackingError, match=expected), tracking.stage_run(StageInfo(name="x"), store):
         pass
-    import _stage
+    from tasks import _stage
 
     def boom() -> None:
         raise TrackingError("MLflow at somewhere: it broke")

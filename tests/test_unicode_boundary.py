@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import string
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,14 +17,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir  # noqa: E402
-
-from chatuie.cli import app  # noqa: E402
-from chatuie.data.prompts import ie_user_prompt  # noqa: E402
-from chatuie.data.records import Schema  # noqa: E402
-from chatuie.models.modeling import load_saved  # noqa: E402
-from chatuie.serve.extract import (  # noqa: E402
+from chatuie.cli import app
+from chatuie.data.prompts import ie_user_prompt
+from chatuie.data.records import Schema
+from chatuie.models.modeling import load_saved
+from chatuie.serve.extract import (
     ExtractError,
     ExtractionSchema,
     Extractor,
@@ -33,7 +29,8 @@ from chatuie.serve.extract import (  # noqa: E402
     SchemaError,
     read_inputs,
 )
-from chatuie.serve.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
+from chatuie.serve.server import BackgroundServer, ServerSettings, create_app
+from tests.helpers.tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir
 
 NAME = "tiny-chatuie"
 runner = CliRunner()

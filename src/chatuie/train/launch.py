@@ -215,6 +215,15 @@ def _threads(settings: LaunchSettings) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
+def this_command() -> list[str]:
+    """This process's script and arguments for a worker: ``-m tasks.sft ...`` when it was started as
+    a module (``python -m``: the workers must import it the same way), else ``sys.argv``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return ["-m", spec.name, *sys.argv[1:]]
+    return list(sys.argv)
+
+
 def relaunch(
     settings: LaunchSettings, argv: Sequence[str] | None = None, *, batch: tuple[int, int] | None = None
 ) -> bool:
@@ -232,7 +241,7 @@ def relaunch(
         return False
     if batch is not None:
         per_process_batch(*batch, settings.processes)
-    argv = list(sys.argv if argv is None else argv)
+    argv = list(this_command() if argv is None else argv)
     command = launch_command(settings, argv)
     threads = _threads(settings)
     env = dict(os.environ)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pipeline_repo import make_repo, run, tool_env
+
+from tests.helpers.pipeline_repo import make_repo, run, tool_env
 
 VENV_BIN = Path(sys.executable).parent
 FAKE_SECRET = "sk-chatuie-test-0123456789abcdef"  # exported as the judge key during the smoke run

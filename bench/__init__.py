@@ -1,0 +1,1 @@
+"""Speed and memory measurements: `python -m bench.<name>`; results in bench/results/."""

@@ -1,0 +1,1 @@
+"""What several test modules share: real local servers, temporary pipeline repos, a tiny extractor."""
