@@ -42,7 +42,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "evaluate": ("tasks.evaluate", "EvaluateStageConfig"),
     "report": ("chatuie.eval.report", "ReportConfig"),
     "judge": ("chatuie.reward.judge", "JudgeConfig"),
-    "reward_data": ("chatuie.reward.model", "RewardDataConfig"),
+    "reward_data": ("chatuie.reward.pairs", "RewardDataConfig"),
     "rm": ("tasks.rm", "RMStageConfig"),
     "rl": ("tasks.rl", "RLStageConfig"),
     "register": ("tasks.register", "RegisterConfig"),

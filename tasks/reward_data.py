@@ -24,21 +24,20 @@ from chatuie.config import ConfigError, build, load_params
 from chatuie.data.prepare import load_records
 from chatuie.data.records import Record
 from chatuie.data.samples import SamplesConfig
+from chatuie.data.splits import HeldoutSplit, is_heldout
 from chatuie.io import write_json, write_jsonl
 from chatuie.reward.judge import Judge, JudgeConfig
-from chatuie.reward.model import (
-    HeldoutSplit,
+from chatuie.reward.negatives import ConfusionTable
+from chatuie.reward.pairs import (
     Instruction,
     RewardDataConfig,
     instructions,
-    is_heldout,
     judge_items,
     judged_pairs,
     negative_pairs,
     sample_answers,
     sample_records,
 )
-from chatuie.reward.negatives import ConfusionTable
 from tasks._stage import record_precision, run, section, set_threads
 
 RECORDS = Path("data/records")

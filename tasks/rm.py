@@ -19,10 +19,10 @@ from chatuie.reward.model import (
     RewardTrainSettings,
     load_reward_base,
     pairwise_accuracy,
-    sample_records,
     save_reward_model,
     train_reward_model,
 )
+from chatuie.reward.pairs import sample_records
 from chatuie.train.launch import LaunchSettings, is_main_process, relaunch
 from tasks._stage import record_precision, run, section, set_threads
 

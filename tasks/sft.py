@@ -15,10 +15,10 @@ from pathlib import Path
 from chatuie.config import ConfigError
 from chatuie.data.prompts import save_prompt_options
 from chatuie.data.samples import SamplesConfig
+from chatuie.data.splits import HeldoutSplit, is_heldout
 from chatuie.io import read_jsonl, write_json
 from chatuie.models.modeling import ModelConfig, load_model, merge_lora, save_model
 from chatuie.models.precision import resolve_dtype
-from chatuie.reward.model import HeldoutSplit, is_heldout
 from chatuie.train.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
 from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, train_sft
 from tasks._stage import record_precision, run, section, set_threads

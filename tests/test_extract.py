@@ -15,22 +15,14 @@ from typer.testing import CliRunner
 
 from chatuie.cli import app
 from chatuie.data.records import Argument, Entity, Event, Relation, Schema, Trigger
+from chatuie.data.schema import ExtractionSchema, RelationType, SchemaError
 from chatuie.decoding import constrained_generate
+from chatuie.errors import ExtractError
 from chatuie.models.modeling import load_saved
-from chatuie.serve.extract import (
-    ExtractError,
-    ExtractionSchema,
-    Extractor,
-    ExtractSettings,
-    RelationType,
-    SchemaError,
-    Window,
-    extract_file,
-    load_model_ref,
-    merge_windows,
-    plan_windows,
-    read_inputs,
-)
+from chatuie.serve.extractor import Extractor, ExtractSettings
+from chatuie.serve.file_jobs import extract_file, read_inputs
+from chatuie.serve.model_refs import load_model_ref
+from chatuie.serve.windows import Window, merge_windows, plan_windows
 from tests.helpers.tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir
 
 runner = CliRunner()

@@ -12,14 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from chatuie.cli import app
+from chatuie.data.schema import ExtractionSchema
+from chatuie.errors import ExtractError
 from chatuie.models.modeling import load_saved
-from chatuie.serve.extract import (
-    ExtractError,
-    ExtractionSchema,
-    Extractor,
-    ExtractSettings,
-    extract_file,
-)
+from chatuie.serve.extractor import Extractor, ExtractSettings
+from chatuie.serve.file_jobs import extract_file
 from tests.helpers.tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir
 
 runner = CliRunner()

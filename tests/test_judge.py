@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from chatuie.data.answers import flatten_answer
 from chatuie.data.records import Entity, Record, Schema
 from chatuie.reward import judge as judge_mod
 from chatuie.reward.judge import (
@@ -24,7 +25,6 @@ from chatuie.reward.judge import (
     JudgeItem,
     build_prompt,
     cache_key,
-    flatten_answer,
     parse_judge_answer,
     reference_score,
     score_all,

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from chatuie.data.answers import ground, render
+from chatuie.data.answers import flatten_answer, ground, render
 from chatuie.data.prepare import PrepareConfig, convert_all
 from chatuie.data.prompts import ChatOptions, instruction_schemas
 from chatuie.data.records import Argument, Entity, Event, Record, Relation, Schema, Trigger
 from chatuie.io import write_jsonl
-from chatuie.reward.judge import flatten_answer
 from chatuie.reward.negatives import (
     NEGATIVE_TYPES,
     TYPES_BY_TASK,

@@ -25,22 +25,15 @@ from conftest import FIXTURES, ROOT
 from chatuie.data.prepare import PrepareConfig, convert_all, write_records
 from chatuie.data.prompts import ChatOptions, build_samples
 from chatuie.data.records import Record
+from chatuie.data.splits import HeldoutSplit, heldout_record_ids, is_heldout
 from chatuie.io import read_json, read_jsonl, write_jsonl
 from chatuie.models.modeling import TinyModelConfig, build_tiny_model, chat_texts, save_model, train_tokenizer
 from chatuie.models.precision import resolve_dtype
 from chatuie.reward.judge import JudgeResult
 from chatuie.reward.model import (
-    HeldoutSplit,
-    JudgedSettings,
     RewardTrainSettings,
-    heldout_record_ids,
-    instructions,
-    is_heldout,
-    judged_pairs,
     load_reward_base,
     load_reward_model,
-    negative_pairs,
-    pair_split,
     pairwise_accuracy,
     reward_config,
     save_reward_model,
@@ -49,6 +42,7 @@ from chatuie.reward.model import (
     train_reward_model,
 )
 from chatuie.reward.negatives import NegativeSettings
+from chatuie.reward.pairs import JudgedSettings, instructions, judged_pairs, negative_pairs, pair_split
 from tests.helpers.judge_server import JudgeServer
 
 KEY_ENV = "CHATUIE_TEST_RM_JUDGE_KEY"

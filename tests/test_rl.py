@@ -17,9 +17,9 @@ import torch
 from test_reward import CHAT, IE, build_project, fixture_records
 from transformers import TrainerCallback
 
+from chatuie.data.answers import flatten_answer
 from chatuie.data.records import Schema
 from chatuie.models.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
-from chatuie.reward.judge import flatten_answer
 from chatuie.reward.model import PairTokenizer, load_reward_base, load_reward_model, save_reward_model
 from chatuie.rl.rewards import F1Reward, RewardModelWithF1, f1_reward, validity, validity_reward
 from chatuie.rl.trainer import (

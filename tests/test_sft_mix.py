@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from chatuie.config import ConfigError, build
-from chatuie.reward.model import HeldoutSplit
+from chatuie.data.splits import HeldoutSplit
 from tasks.sft import SFTStageConfig, select_samples
 
 

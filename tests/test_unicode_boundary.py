@@ -20,15 +20,11 @@ from typer.testing import CliRunner
 from chatuie.cli import app
 from chatuie.data.prompts import ie_user_prompt
 from chatuie.data.records import Schema
+from chatuie.data.schema import ExtractionSchema, SchemaError
+from chatuie.errors import ExtractError
 from chatuie.models.modeling import load_saved
-from chatuie.serve.extract import (
-    ExtractError,
-    ExtractionSchema,
-    Extractor,
-    ExtractSettings,
-    SchemaError,
-    read_inputs,
-)
+from chatuie.serve.extractor import Extractor, ExtractSettings
+from chatuie.serve.file_jobs import read_inputs
 from chatuie.serve.server import BackgroundServer, ServerSettings, create_app
 from tests.helpers.tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir
 

@@ -22,7 +22,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from chatuie.serve.extract import DEFAULT_MODEL, ExtractError
+from chatuie.errors import ExtractError
+from chatuie.serve.extractor import DEFAULT_MODEL
 
 app = typer.Typer(
     name="chatuie",
@@ -49,7 +50,7 @@ def _fail(message: object) -> NoReturn:
 
 
 def _settings(max_new_tokens: int, batch_size: int, max_labels: int, context: int | None, overlap: int):
-    from chatuie.serve.extract import ExtractSettings
+    from chatuie.serve.extractor import ExtractSettings
 
     return ExtractSettings(
         max_new_tokens=max_new_tokens,
@@ -92,7 +93,10 @@ def extract(
     threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
 ) -> None:
     """Extract entities, relations and events with character offsets (constrained decoding)."""
-    from chatuie.serve.extract import ExtractionSchema, Extractor, check_text, extract_file, read_inputs
+    from chatuie.data.schema import ExtractionSchema
+    from chatuie.data.text import check_text
+    from chatuie.serve.extractor import Extractor
+    from chatuie.serve.file_jobs import extract_file, read_inputs
 
     try:
         if (text is None) == (input_path is None):
@@ -160,7 +164,7 @@ def serve(
     """Serve the model over HTTP: OpenAI-compatible chat completions plus /v1/extract."""
     import logging
 
-    from chatuie.serve.extract import Extractor
+    from chatuie.serve.extractor import Extractor
     from chatuie.serve.server import ServerSettings
     from chatuie.serve.server import serve as run_server
 
@@ -242,7 +246,7 @@ def evaluate(
     from chatuie.data.records import ConversionError
     from chatuie.eval.evaluation import EvalSettings, evaluate_dataset
     from chatuie.io import write_jsonl
-    from chatuie.serve.extract import load_model_ref
+    from chatuie.serve.model_refs import load_model_ref
 
     try:
         section = (load_params(params).get("evaluate") or {}) if params.is_file() else {}

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
-from chatuie.io import dumps_compact
 from chatuie.data.records import Argument, Entity, Event, Record, Relation, Schema, Trigger
+from chatuie.io import dumps_compact
 
 
 def render(record: Record, schema: Schema) -> str:
@@ -214,3 +215,51 @@ def ground(task: str, answer: str | dict, text: str, schema: Schema) -> dict[str
 def _untyped(text: str, span: str) -> Entity | None:
     start = text.find(span) if span else -1
     return None if start == -1 else Entity("", start, start + len(span), span)
+
+
+def flatten_answer(task: str, answer: str | Mapping[str, Any]) -> set[tuple[str, ...]]:
+    """The set of (kind, label, span...) items of an answer in the documented output format.
+
+    ner: ("entity", label, span); re: those plus ("relation", label, head, tail);
+    ee: ("trigger", type, trigger) and ("argument", type, role, span). Malformed parts are
+    ignored (they cannot match gold). Raises ValueError if ``answer`` is not a JSON object.
+    """
+    data = json.loads(answer) if isinstance(answer, str) else answer
+    if not isinstance(data, Mapping):
+        raise ValueError("answer is not a JSON object")
+    items: set[tuple[str, ...]] = set()
+
+    def entities(block: Any) -> None:
+        if not isinstance(block, Mapping):
+            return
+        for label, spans in block.items():
+            if isinstance(spans, list):
+                items.update(("entity", str(label), s) for s in spans if isinstance(s, str) and s)
+
+    if task == "ner":
+        entities(data)
+    elif task == "re":
+        entities(data.get("entities"))
+        relations = data.get("relations")
+        for label, pairs in relations.items() if isinstance(relations, Mapping) else []:
+            for pair in pairs if isinstance(pairs, list) else []:
+                if isinstance(pair, Mapping):
+                    head, tail = pair.get("head"), pair.get("tail")
+                    if isinstance(head, str) and isinstance(tail, str):
+                        items.add(("relation", str(label), head, tail))
+    elif task == "ee":
+        for etype, events in data.items():
+            for event in events if isinstance(events, list) else []:
+                if not isinstance(event, Mapping):
+                    continue
+                trigger = event.get("trigger")
+                if isinstance(trigger, str) and trigger:
+                    items.add(("trigger", str(etype), trigger))
+                arguments = event.get("arguments")
+                for role, spans in arguments.items() if isinstance(arguments, Mapping) else []:
+                    for span in spans if isinstance(spans, list) else []:
+                        if isinstance(span, str) and span:
+                            items.add(("argument", str(etype), str(role), span))
+    else:
+        raise ValueError(f"task {task!r} has no IE output format")
+    return items

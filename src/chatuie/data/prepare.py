@@ -11,8 +11,8 @@ from typing import Any
 from chatuie.config import ConfigError
 from chatuie.data.converters import ceval, conll04, fewfc, resume, webqa
 from chatuie.data.converters.formats import DeclaredDataset, DeclaredResult, convert_declared, notes_summary
-from chatuie.io import write_json, write_jsonl
 from chatuie.data.records import Record
+from chatuie.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 BUILTIN = ("resume", "conll04", "fewfc", "webqa", "ceval")

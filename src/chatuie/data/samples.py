@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from chatuie.data.prompts import ChatOptions, build_samples
-from chatuie.io import write_jsonl
 from chatuie.data.records import Record
+from chatuie.io import write_jsonl
 
 # Which sample split a record split feeds. C-Eval's dev (5 per subject) is training material,
 # its val is the evaluation set.

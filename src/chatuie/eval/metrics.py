@@ -244,3 +244,16 @@ def char_rouge1_f1(prediction: str, reference: str) -> float:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
+
+
+def f1_score(predicted: set[tuple[str, ...]], gold: set[tuple[str, ...]]) -> float:
+    """F1 of two item sets (:func:`chatuie.data.answers.flatten_answer`); both empty: 1."""
+    if not predicted and not gold:
+        return 1.0  # both say "nothing here": a perfect answer
+    if not predicted or not gold:
+        return 0.0
+    tp = len(predicted & gold)
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / len(predicted), tp / len(gold)
+    return 2 * precision * recall / (precision + recall)

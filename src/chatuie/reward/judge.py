@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from chatuie.data.answers import render
+from chatuie.data.answers import flatten_answer, render
 from chatuie.data.records import Record, Schema
+from chatuie.eval.metrics import f1_score
 from chatuie.io import dumps_compact
 
 log = logging.getLogger(__name__)
@@ -270,64 +271,6 @@ def _score_of(obj: Any) -> tuple[float, str] | None:
 # ---------------------------------------------------------------------------------------------
 # reference provider: F1 over flattened output-format items
 # ---------------------------------------------------------------------------------------------
-def flatten_answer(task: str, answer: str | Mapping[str, Any]) -> set[tuple[str, ...]]:
-    """The set of (kind, label, span...) items of an answer in the documented output format.
-
-    ner: ("entity", label, span); re: those plus ("relation", label, head, tail);
-    ee: ("trigger", type, trigger) and ("argument", type, role, span). Malformed parts are
-    ignored (they cannot match gold). Raises ValueError if ``answer`` is not a JSON object.
-    """
-    data = json.loads(answer) if isinstance(answer, str) else answer
-    if not isinstance(data, Mapping):
-        raise ValueError("answer is not a JSON object")
-    items: set[tuple[str, ...]] = set()
-
-    def entities(block: Any) -> None:
-        if not isinstance(block, Mapping):
-            return
-        for label, spans in block.items():
-            if isinstance(spans, list):
-                items.update(("entity", str(label), s) for s in spans if isinstance(s, str) and s)
-
-    if task == "ner":
-        entities(data)
-    elif task == "re":
-        entities(data.get("entities"))
-        relations = data.get("relations")
-        for label, pairs in relations.items() if isinstance(relations, Mapping) else []:
-            for pair in pairs if isinstance(pairs, list) else []:
-                if isinstance(pair, Mapping):
-                    head, tail = pair.get("head"), pair.get("tail")
-                    if isinstance(head, str) and isinstance(tail, str):
-                        items.add(("relation", str(label), head, tail))
-    elif task == "ee":
-        for etype, events in data.items():
-            for event in events if isinstance(events, list) else []:
-                if not isinstance(event, Mapping):
-                    continue
-                trigger = event.get("trigger")
-                if isinstance(trigger, str) and trigger:
-                    items.add(("trigger", str(etype), trigger))
-                arguments = event.get("arguments")
-                for role, spans in arguments.items() if isinstance(arguments, Mapping) else []:
-                    for span in spans if isinstance(spans, list) else []:
-                        if isinstance(span, str) and span:
-                            items.add(("argument", str(etype), str(role), span))
-    else:
-        raise ValueError(f"task {task!r} has no IE output format")
-    return items
-
-
-def f1_score(predicted: set[tuple[str, ...]], gold: set[tuple[str, ...]]) -> float:
-    if not predicted and not gold:
-        return 1.0  # both say "nothing here": a perfect answer
-    if not predicted or not gold:
-        return 0.0
-    tp = len(predicted & gold)
-    if tp == 0:
-        return 0.0
-    precision, recall = tp / len(predicted), tp / len(gold)
-    return 2 * precision * recall / (precision + recall)
 
 
 def reference_score(item: JudgeItem) -> tuple[float, str]:

@@ -29,7 +29,7 @@ entity pair under every relation type (232 CoNLL04 relations for 64 gold) under 
 negatives only ever dropped or changed relations, never added one.
 
 Every negative is checked to differ from gold as a *set* of (label, span) items
-(:func:`chatuie.reward.judge.flatten_answer`), not just as a string, so a scorer cannot call it right.
+(:func:`chatuie.data.answers.flatten_answer`), not just as a string, so a scorer cannot call it right.
 Label choices prefer the pairs the SFT model actually confuses (:class:`ConfusionTable`, read from
 its evaluation predictions) and fall back to uniform. Everything is seeded per record and
 instruction: the same inputs give the same negatives in any order.
@@ -46,10 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatuie.data.answers import render
+from chatuie.data.answers import flatten_answer, render
 from chatuie.data.records import Argument, Entity, Event, Record, Relation, Schema, Trigger
 from chatuie.io import read_jsonl
-from chatuie.reward.judge import flatten_answer
 
 _SPAN_TYPES = ("label_swap", "boundary_shift", "missing", "invented")  # what ner and re share
 # Each tuple's order seeds which types an instruction draws: reordering changes the negatives.

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from chatuie.data.answers import ground
+from chatuie.data.answers import flatten_answer, ground
 from chatuie.data.records import Schema
-from chatuie.reward.judge import JudgeItem, f1_score, flatten_answer, reference_score
+from chatuie.eval.metrics import f1_score
+from chatuie.reward.judge import JudgeItem, reference_score
 from chatuie.reward.model import PairTokenizer, score_sequences
 
 F1_REWARDS = ("items", "parts")
-# The parts of each task's answer, as chatuie.reward.judge.flatten_answer names its items' kinds.
+# The parts of each task's answer, as chatuie.data.answers.flatten_answer names its items' kinds.
 TASK_PARTS = {"ner": ("entity",), "re": ("entity", "relation"), "ee": ("trigger", "argument")}
 
 

@@ -40,7 +40,8 @@ from transformers import TrainerCallback
 from chatuie.data.prompts import ChatOptions
 from chatuie.data.records import Record, Schema
 from chatuie.models.modeling import is_peft
-from chatuie.reward.model import PairTokenizer, instructions, sample_records
+from chatuie.reward.model import PairTokenizer
+from chatuie.reward.pairs import instructions, sample_records
 from chatuie.rl.checkpoints import PPOCheckpoints
 from chatuie.rl.rewards import F1_REWARDS, F1Reward, RewardModelReward, RewardModelWithF1, validity_reward
 from chatuie.train.trainer import finished_state, freeze_input_embeddings, resume_point, trainer_safety_args

@@ -9,7 +9,7 @@ status, so the ``openai`` client raises its usual exceptions):
   IE instruction of this project (:func:`chatuie.data.prompts.ie_user_prompt`) is answered with the
   generation constraint (valid JSON, grounded spans); anything else is generated freely.
 * ``POST /v1/extract`` ``{"text": ..., "schema": {...}}`` (schema as in ``docs/schema.md``) ->
-  entities / relations / events with character offsets (:mod:`chatuie.serve.extract`).
+  entities / relations / events with character offsets (:mod:`chatuie.serve.extractor`).
 * ``GET /health`` liveness (no key needed).
 
 One thread owns the model (``generate`` is not re-entrant, and the tokenizer is mutated while
@@ -47,14 +47,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatuie.data.prompts import DEFAULT_OPTIONS, SYSTEM_PROMPT, TEXT_LINE, ChatOptions, ie_user_prompt
 from chatuie.data.records import Schema
-from chatuie.serve.extract import (
-    ExtractError,
-    ExtractionSchema,
-    Extractor,
-    SchemaError,
-    printable,
-    text_problem,
-)
+from chatuie.data.schema import ExtractionSchema, SchemaError
+from chatuie.data.text import text_problem
+from chatuie.errors import ExtractError, printable
+from chatuie.serve.extractor import Extractor
 
 log = logging.getLogger(__name__)
 

@@ -109,7 +109,7 @@ class DeclaredResult:
 
 def _schema_file(path: Path, task: str) -> tuple[Schema, dict[str, tuple[str | None, str | None]]]:
     """(schema, relation -> (head type, tail type)) from a docs/schema.md file or a DuEE schema."""
-    from chatuie.serve.extract import ExtractionSchema, SchemaError
+    from chatuie.data.schema import ExtractionSchema, SchemaError
 
     text = read_text(path)
     try:

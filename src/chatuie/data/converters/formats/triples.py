@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chatuie.data.answers import cuts_word
 from chatuie.data.converters.formats._common import (
     Conversion,
     FormatOptions,
@@ -26,7 +27,6 @@ from chatuie.data.converters.formats._common import (
     source,
     text_field,
 )
-from chatuie.data.answers import cuts_word
 from chatuie.data.records import ConversionError, Entity, Record, Relation
 
 Signatures = dict[str, tuple[str | None, str | None]]
