@@ -1,8 +1,9 @@
 """Prefect flow: gate a registered version into production, or roll production back.
 
-The same operations as ``chatuie promote`` (chatuie.tracking.promote / rollback), with the
-decision published as a markdown artifact (key ``chatuie-promotion``). The gate's margins come from
-params.yaml's ``promote`` section, ``policy`` overrides some of them for this run.
+The same operations as ``chatuie promote`` (chatuie.eval.promotion.promote,
+chatuie.tracking.rollback), with the decision published as a markdown artifact (key
+``chatuie-promotion``). The gate's margins come from params.yaml's ``promote`` section, ``policy``
+overrides some of them for this run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from chatuie import tracking
 from chatuie.config import build, load_params
 from chatuie.eval.gate import PromotionPolicy
+from chatuie.eval.promotion import promote
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT_KEY = "chatuie-promotion"
@@ -39,7 +41,7 @@ def promote_flow(
         rules = build(
             PromotionPolicy, {**(params.get("promote") or {}), **(policy or {})}, "promote"
         )
-        decision = tracking.promote(version, rules, name=name, root=repo)
+        decision = promote(version, rules, name=name, root=repo)
     get_run_logger().info("%s version %s -> %s: %s", name, decision.version, decision.alias, decision.reason)
     create_markdown_artifact(
         key=ARTIFACT_KEY,

@@ -19,8 +19,9 @@ from pathlib import Path
 from chatuie.config import ConfigError
 from chatuie.eval.comparison import record_scores
 from chatuie.eval.gate import Baseline, PromotionPolicy
+from chatuie.eval.promotion import promote
 from chatuie.io import write_json
-from chatuie.tracking import promote, register_model
+from chatuie.tracking import register_model
 from tasks._stage import run, section
 
 

@@ -368,8 +368,8 @@ def promote(
 
     from chatuie.config import ConfigError, build, load_params
     from chatuie.eval.gate import PromotionPolicy
+    from chatuie.eval.promotion import promote as gate
     from chatuie.tracking import TrackingError
-    from chatuie.tracking import promote as gate
     from chatuie.tracking import rollback as roll_back
 
     try:

@@ -19,7 +19,6 @@ from chatuie.eval.metrics import HEADLINE, IEScorer, paired_bootstrap_deltas, pe
 from chatuie.io import read_jsonl
 
 # The per-record counts a registered version carries (an artifact of its run), for the gate.
-RECORD_SCORES_FILE = "record_scores.json"
 # Chat metrics: summary key -> (dataset: its predictions file and metrics/<model>.json "chat" key,
 # the metric there, the per-question field of predictions.<dataset>.jsonl that averages to it).
 CHAT_METRICS = {

@@ -8,7 +8,7 @@ point estimate. Where a version carries no record scores (registered before they
 point gain is compared instead and the reason says so. A first model passes floors and, given
 the model it was trained from (a :class:`Baseline`, e.g. the SFT model under an RL one), must not
 be worse than that: its paired interval wholly below 0, or a chat drop beyond ``max_chat_drop``,
-keeps it a candidate. :func:`chatuie.tracking.promote` reads the versions and moves the aliases.
+keeps it a candidate. :func:`chatuie.eval.promotion.promote` applies it to registered versions.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""MLflow for the project: every stage run tracked, the model registry and its promotion gate.
+"""MLflow for the project: every stage run tracked, and the model registry (its aliases move
+through :func:`gate_version`, with the rule of chatuie.eval.promotion).
 
 This is the one module that imports ``mlflow`` (lazily: a stage run with ``CHATUIE_TRACKING=off``
 never imports it). It knows nothing of DVC or Prefect: callers describe a stage with
@@ -33,10 +34,11 @@ from chatuie.tracking.registry import (
     CANDIDATE,
     PROTOCOL_TAG,
     Decision,
+    VersionView,
     download_model,
+    gate_version,
     pip_requirements,
     production_version,
-    promote,
     register_model,
     rollback,
 )
@@ -88,6 +90,7 @@ __all__ = [
     "CANDIDATE",
     "DEFAULT_EXPERIMENT",
     "Decision",
+    "VersionView",
     "ENV_EXECUTION_ID",
     "ENV_EXECUTION_NAME",
     "ENV_EXPERIMENT",
@@ -124,7 +127,7 @@ __all__ = [
     "git_commit",
     "pip_requirements",
     "production_version",
-    "promote",
+    "gate_version",
     "register_model",
     "rollback",
     "scrub",

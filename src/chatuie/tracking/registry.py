@@ -1,5 +1,6 @@
 """The model registry: a registered version stores what is new in it (an adapter with its base
-pinned or bundled, or a full model), and the promotion gate moves ``production``."""
+pinned or bundled, or a full model); aliases ``production`` and ``candidate`` move only through
+:func:`gate_version`, whose rule is the caller's (chatuie.eval.promotion), and :func:`rollback`."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chatuie.eval.comparison import RECORD_SCORES_FILE
-from chatuie.eval.gate import Baseline, PromotionPolicy, decide
 from chatuie.io import write_json
 from chatuie.models.packaged import PACKAGED_PREFIX
 from chatuie.tracking.store import (
@@ -38,10 +37,10 @@ from chatuie.tracking.store import (
 )
 
 if TYPE_CHECKING:  # mlflow is imported lazily, inside the functions that need it
-    from mlflow.entities.model_registry import ModelVersion
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+RECORD_SCORES_FILE = "record_scores.json"  # a version's per-record scores (chatuie.eval.comparison)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -247,30 +246,22 @@ def _record_scores(run_id: str | None) -> dict[str, Any] | None:
     return json.loads(Path(local).read_text(encoding="utf-8"))
 
 
-def _paired(candidate: ModelVersion, production: ModelVersion | None) -> dict | None:
-    if production is None:
-        return None
-    return _paired_scores(
-        _record_scores(production.run_id),
-        _record_scores(candidate.run_id),
-        f"versions {production.version} and {candidate.version}",
-    )
+@dataclass(frozen=True)
+class VersionView:
+    """What a gate reads of a registered version: its tags, the numbers among them, its record
+    scores (None for a version registered before they were kept)."""
+
+    version: int
+    tags: Mapping[str, str]
+    record_scores: dict[str, Any] | None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, raw in self.tags.items() if (v := _number(raw)) is not None}
 
 
-def _paired_scores(before: Mapping | None, after: Mapping | None, what: str) -> dict | None:
-    from chatuie.eval.comparison import paired_gain
-
-    if before is None or after is None:
-        return None
-    try:
-        return paired_gain(before, after)
-    except ValueError as err:  # other records: the protocol check refuses these anyway
-        log.warning("no paired comparison of %s: %s", what, err)
-        return None
-
-
-def _metric_tags(tags: Mapping[str, str]) -> dict[str, float]:
-    return {k: v for k, raw in tags.items() if (v := _number(raw)) is not None}
+# (candidate, production or None) -> (promoted, reason, version tags to set on the candidate)
+Judge = Callable[[VersionView, "VersionView | None"], tuple[bool, str, Mapping[str, str]]]
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> int | None:
@@ -303,24 +294,17 @@ def production_version(name: str = REGISTERED_MODEL, *, root: str | Path | None 
         return _alias(_client(root), name, PRODUCTION)
 
 
-def promote(
-    version: int | None = None,
-    policy: PromotionPolicy | None = None,
-    *,
-    name: str = REGISTERED_MODEL,
-    root: str | Path | None = None,
-    baseline: Baseline | None = None,
+def gate_version(
+    judge: Judge, version: int | None = None, *, name: str = REGISTERED_MODEL, root: str | Path | None = None
 ) -> Decision:
-    """Gate ``version`` (default: the latest) against production; alias it production or candidate.
-
-    ``baseline``: the model ``version`` was trained from; with no production yet, a version worse
-    than it (beyond the noise of the paired record scores) stays a candidate.
+    """Gate ``version`` (default: the latest) against production with ``judge``; alias it
+    production or candidate (the rule itself is the caller's: chatuie.eval.promotion).
 
     Promoted: ``production`` moves to it and it is pushed on the ``production_history`` tag (what
     :func:`rollback` pops). Not promoted: it gets ``candidate``. Either way the decision and its
-    reason are version tags (``promotion.decision``, ``promotion.reason``...).
+    reason are version tags (``promotion.decision``, ``promotion.reason``...), with the tags the
+    judge returned.
     """
-    policy = policy or PromotionPolicy()
     with _errors(f"promoting a version of {name!r}", root):
         client = _client(root)
         if version is None:
@@ -331,34 +315,12 @@ def promote(
         current = _alias(client, name, PRODUCTION)
         if current == version:
             return Decision(version, True, PRODUCTION, "already production", current)
-        candidate_entry = client.get_model_version(name, str(version))
-        production_entry = None if current is None else client.get_model_version(name, str(current))
-        candidate_tags = candidate_entry.tags
-        production_tags = None if production_entry is None else production_entry.tags
-        paired = _paired(candidate_entry, production_entry)
-        baseline_paired = None
-        if production_entry is None and baseline is not None:
-            baseline_paired = _paired_scores(
-                baseline.record_scores,
-                _record_scores(candidate_entry.run_id),
-                f"{baseline.name} and {version}",
-            )
-        promoted, reason = decide(
-            _metric_tags(candidate_tags),
-            None if production_tags is None else _metric_tags(production_tags),
-            policy,
-            protocols=(candidate_tags.get(PROTOCOL_TAG), (production_tags or {}).get(PROTOCOL_TAG)),
-            paired=paired,
-            baseline=baseline,
-            baseline_paired=baseline_paired,
-        )
+        candidate = _view(client, name, version)
+        production = None if current is None else _view(client, name, current)
+        promoted, reason, tags = judge(candidate, production)
         decision = Decision(version, promoted, PRODUCTION if promoted else CANDIDATE, reason, current)
-        if paired and "mean_ie_f1" in paired:
-            gain = paired["mean_ie_f1"]
-            client.set_model_version_tag(name, str(version), "promotion.mean_ie_f1_gain", str(gain["delta"]))
-            client.set_model_version_tag(
-                name, str(version), "promotion.mean_ie_f1_gain_ci95", json.dumps(gain["ci95"])
-            )
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
         if promoted:
             history = _history(client, name)
             if current is not None and (not history or history[-1] != current):
@@ -372,6 +334,11 @@ def promote(
         _record(client, name, decision)
     log.info("version %s of %s -> %s: %s", version, name, decision.alias, reason)
     return decision
+
+
+def _view(client: MlflowClient, name: str, version: int) -> VersionView:
+    entry = client.get_model_version(name, str(version))
+    return VersionView(version, dict(entry.tags), _record_scores(entry.run_id))
 
 
 def rollback(*, name: str = REGISTERED_MODEL, root: str | Path | None = None) -> Decision:
