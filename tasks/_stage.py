@@ -18,9 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chatuie.config import ConfigError, build, load_params
-from chatuie.data.records import ConversionError
-from chatuie.models.packaged import PackagedModelError
+from chatuie.config import build, load_params
+from chatuie.errors import ChatuieError
 from chatuie.models.precision import lineage
 from chatuie.tracking import PlotFile, StageInfo, TrackingError, log_run_params, stage_run, tracking_enabled
 from chatuie.train.allocator import keep_freed_memory
@@ -38,7 +37,8 @@ def section(name: str, cls: type[T], params_path: Path | None = None) -> T:
 def run(
     main: Callable[[], Any], stage: str | None = None, *, track: bool = True, reuse_freed_memory: bool = True
 ) -> None:
-    """Run a stage; expected failures print one clear line and exit 1 (no traceback noise).
+    """Run a stage; a :class:`chatuie.errors.ChatuieError` prints one line and exits 1 (anything
+    else is a bug and keeps its traceback).
 
     ``stage``: the DVC stage name, when the command line alone does not identify it.
     ``track=False``: a command that is no stage (a CLI) runs untracked.
@@ -51,7 +51,7 @@ def run(
     try:
         with _tracked(stage) if track else contextlib.nullcontext():
             main()
-    except (ConversionError, ConfigError, TrackingError, PackagedModelError) as err:
+    except ChatuieError as err:  # the user's to fix: one line naming the file, line or field
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -22,7 +22,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from chatuie.errors import ExtractError
+from chatuie.errors import ChatuieError
 from chatuie.serve.extractor import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -132,7 +132,7 @@ def extract(
         typer.echo(
             f"{output}: {done.written} written, {done.resumed} already done, {done.total} in total", err=True
         )
-    except ExtractError as err:
+    except ChatuieError as err:
         _fail(err)
 
 
@@ -172,7 +172,7 @@ def serve(
     try:
         _threads(threads)
         extractor = Extractor.load(model, _settings(max_new_tokens, 8, max_labels, context, overlap))
-    except ExtractError as err:
+    except ChatuieError as err:
         _fail(err)
     settings = ServerSettings(
         model_name=name or extractor.name,
@@ -199,11 +199,11 @@ def view(
     limit: Annotated[int, typer.Option(help="Show at most this many records (0 = all).")] = 0,
 ) -> None:
     """Render extractions as a self-contained HTML page (gold vs predicted when gold exists)."""
-    from chatuie.eval.viewer import ViewError, write_view
+    from chatuie.eval.viewer import write_view
 
     try:
         count = write_view(inputs, output, title=title, limit=limit)
-    except ViewError as err:
+    except ChatuieError as err:
         _fail(err)
     typer.echo(f"{output}: {count} records", err=True)
 
@@ -241,9 +241,8 @@ def evaluate(
     """Score a model on an annotated file, as the evaluate stage scores a zero-shot dataset."""
     import dataclasses
 
-    from chatuie.config import ConfigError, build, load_params
+    from chatuie.config import build, load_params
     from chatuie.data.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
-    from chatuie.data.records import ConversionError
     from chatuie.eval.evaluation import EvalSettings, evaluate_dataset
     from chatuie.io import write_jsonl
     from chatuie.serve.model_refs import load_model_ref
@@ -276,7 +275,7 @@ def evaluate(
         source = getattr(loaded, "name_or_path", None) or getattr(loaded.config, "_name_or_path", None)
         chat = prompt_options_for(source, params)
         results = evaluate_dataset(loaded, tokenizer, records, chat, settings, modes)
-    except (ConfigError, ConversionError, ExtractError) as err:
+    except ChatuieError as err:
         _fail(err)
     metrics = {spec.name: {m: result for m, (result, _, _) in results.items()}}
     if out is not None:
@@ -319,11 +318,11 @@ def report(
     zero_shot: Annotated[list[str] | None, typer.Option(help="A dataset evaluated zero-shot.")] = None,
 ) -> None:
     """Write the run report (tables and plots of the paper) from the evaluate stage's metrics."""
-    from chatuie.eval.report import ReportConfig, ReportError, write_report
+    from chatuie.eval.report import ReportConfig, write_report
 
     try:
         written = write_report(metrics_dir, out_dir, ReportConfig(zero_shot=list(zero_shot or [])))
-    except ReportError as err:
+    except ChatuieError as err:
         _fail(err)
     for path in written:
         typer.echo(path)
@@ -338,12 +337,11 @@ def metrics(
 
     What `dvc metrics show` holds too, among every other number of the metrics files.
     """
-    from chatuie.eval.report import ReportError
     from chatuie.eval.summary import collect, render
 
     try:
         summary = collect(metrics_dir)
-    except ReportError as err:
+    except ChatuieError as err:
         _fail(err)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -366,10 +364,9 @@ def promote(
     """
     import dataclasses
 
-    from chatuie.config import ConfigError, build, load_params
+    from chatuie.config import build, load_params
     from chatuie.eval.gate import PromotionPolicy
     from chatuie.eval.promotion import promote as gate
-    from chatuie.tracking import TrackingError
     from chatuie.tracking import rollback as roll_back
 
     try:
@@ -378,7 +375,7 @@ def promote(
         else:
             policy = build(PromotionPolicy, load_params(params).get("promote"), f"{params}: promote")
             decision = gate(version, policy, name=name)
-    except (ConfigError, TrackingError) as err:
+    except ChatuieError as err:
         _fail(err)
     typer.echo(json.dumps(dataclasses.asdict(decision)))
 

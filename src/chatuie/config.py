@@ -12,11 +12,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from chatuie.errors import ChatuieError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(ChatuieError, ValueError):
+    """A params or configuration mistake; the message names the file and key."""
 
 
 class _ParamsLoader(yaml.SafeLoader):
@@ -62,7 +64,13 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
         _check_range(kwargs[name], f"{where}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's own check (__post_init__): name where it was read
+        message = str(err)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

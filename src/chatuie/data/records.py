@@ -15,6 +15,8 @@ A record is stored as one JSON object per line::
 
 from __future__ import annotations
 
+from chatuie.errors import ChatuieError
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ TASKS = ("ner", "re", "ee", "qa", "mcq")
 IE_TASKS = ("ner", "re", "ee")
 
 
-class ConversionError(ValueError):
+class ConversionError(ChatuieError, ValueError):
     """A malformed raw input, located as ``file:line: what is wrong``."""
 
     def __init__(self, path: object, line: int | None, message: str) -> None:

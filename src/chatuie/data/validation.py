@@ -7,6 +7,8 @@ Python facts into columns GX can check; GX does the checking, the reporting and 
 
 from __future__ import annotations
 
+from chatuie.errors import ChatuieError
+
 import logging
 import shutil
 import tempfile
@@ -39,8 +41,8 @@ class Table:
     id_column: str = "id"
 
 
-class ValidationFailed(RuntimeError):
-    pass
+class ValidationFailed(ChatuieError, RuntimeError):
+    """The data broke an expectation; the message names the table and what failed."""
 
 
 def _gx():

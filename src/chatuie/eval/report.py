@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatuie.errors import ChatuieError
 from chatuie.eval.metrics import HEADLINE
 
 DASH = "—"
@@ -40,7 +41,7 @@ MODEL_NAMES = {"base": "Base", "sft": "SFT", "rl": "RL"}
 PLOTS_DIR = "report_plots"
 
 
-class ReportError(ValueError):
+class ReportError(ChatuieError, ValueError):
     pass
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatuie.errors import ChatuieError
+
 STATUSES = ("correct", "missed", "spurious")
 
 
-class ViewError(ValueError):
+class ViewError(ChatuieError, ValueError):
     """A malformed input row, located as ``file:line: field: what is wrong``."""
 
 

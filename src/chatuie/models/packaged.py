@@ -19,6 +19,8 @@ the base on any machine with the same package installed, once, in a local cache.
 
 from __future__ import annotations
 
+from chatuie.errors import ChatuieError
+
 import json
 import logging
 import os
@@ -59,7 +61,7 @@ GEMMA_CHAT_TEMPLATE = (
 GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
-class PackagedModelError(RuntimeError):
+class PackagedModelError(ChatuieError, RuntimeError):
     """A packaged model is missing, or installed in another version than a saved model was pinned to."""
 
 

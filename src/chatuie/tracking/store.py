@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chatuie.errors import ChatuieError
+
 if TYPE_CHECKING:  # mlflow is imported lazily, inside the functions that need it
     from mlflow.tracking import MlflowClient
 
@@ -47,7 +49,7 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- :/]")  # what MLflow accepts in param and metric names
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ChatuieError, RuntimeError):
     """A tracking or registry operation failed; the message names the store and the operation."""
 
 
