@@ -9,13 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from test_modeling import CORPUS_EXTRA, SAMPLES, TINY, chat, settings
 
 from chatuie.config import ConfigError
 from chatuie.models.modeling import build_tiny_model, chat_texts, generate, train_tokenizer
 from chatuie.train import answer_loss
 from chatuie.train.answer_loss import answer_token_loss
 from chatuie.train.trainer import sft_trainer, teach_to_answer
+from tests.helpers.tiny_chat import CORPUS_EXTRA, SAMPLES, TINY, chat, settings
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -162,7 +162,7 @@ def test_rl_compare_stage_writes_paired_intervals(tmp_path: Path, monkeypatch: p
     _write_eval(tmp_path, "rl", rl, f1(rl), [1.0, 0.0, 0.0, 1.0] * 12)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHATUIE_TRACKING", "off")
-    stage = importlib.import_module("rl_compare")  # tasks/rl_compare.py (conftest puts tasks/ on the path)
+    stage = importlib.import_module("tasks.rl_compare")
     monkeypatch.setattr(sys, "argv", ["tasks/rl_compare.py", "sft", "rl"])
     stage.main()
     out = json.loads((tmp_path / "metrics" / "rl_vs_sft.json").read_text())

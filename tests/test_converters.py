@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES
 
 from chatuie.data.converters import ceval, conll04, fewfc, resume, webqa
 from chatuie.data.prepare import PrepareConfig, convert_all, record_counts
@@ -135,7 +135,7 @@ def test_prepare_stage_fails_cleanly_and_writes_nothing(
     shutil.copy(BAD / bad_file, tmp_path / "data" / "raw" / "resume_ner" / "dev.char.bmes")
     (tmp_path / "params.yaml").write_text("prepare:\n  webqa_test_size: 1\n")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "prepare.py")],
+        [sys.executable, "-m", "tasks.prepare"],
         cwd=tmp_path,
         env=subprocess_env,
         capture_output=True,
@@ -152,7 +152,7 @@ def test_prepare_stage_on_fixtures(tmp_path: Path, subprocess_env) -> None:
     shutil.copytree(FIXTURES / "raw", tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("prepare:\n  webqa_test_size: 1\n")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "prepare.py")],
+        [sys.executable, "-m", "tasks.prepare"],
         cwd=tmp_path,
         env=subprocess_env,
         capture_output=True,
@@ -169,7 +169,7 @@ def test_unknown_param_is_named(tmp_path: Path, subprocess_env) -> None:
     shutil.copytree(FIXTURES / "raw", tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("prepare:\n  webqa_test_sise: 1\n")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "prepare.py")],
+        [sys.executable, "-m", "tasks.prepare"],
         cwd=tmp_path,
         env=subprocess_env,
         capture_output=True,

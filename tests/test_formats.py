@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES
 
 from chatuie.config import ConfigError, build
 from chatuie.data.converters.formats import DeclaredDataset, FormatOptions, convert_declared, default_task
@@ -625,7 +625,7 @@ def test_default_task() -> None:
 def _prepare(tmp_path: Path, env: dict, params: str) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
     return subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "prepare.py")],
+        [sys.executable, "-m", "tasks.prepare"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

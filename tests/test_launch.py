@@ -61,7 +61,8 @@ def _stage_runs(repo: Path, stage: str) -> list:
 
 
 def _stage_processes(repo: Path, script: str) -> dict[int, dict[str, str]]:
-    """pid -> environment of the processes running ``script`` in ``repo`` (launcher and workers)."""
+    """pid -> environment of the processes running module ``script`` in ``repo`` (launcher and
+    workers)."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -185,7 +186,7 @@ def test_two_processes_over_gloo_match_one_and_resume_after_a_kill(smoke_run, tm
     started = time.monotonic()
     first = checkpoints / f"checkpoint-{steps['save_steps']}" / "trainer_state.json"
     with stage_running_until(repo, "sft", first) as dvc:
-        processes = _stage_processes(repo, "tasks/sft.py")
+        processes = _stage_processes(repo, "tasks.sft")
         (launcher,) = [pid for pid, environ in processes.items() if "CHATUIE_LAUNCHED" not in environ]
         workers = [pid for pid, environ in processes.items() if "LOCAL_RANK" in environ]
         assert len(workers) == 2, processes  # (and accelerate's agent between them and the launcher)
@@ -195,7 +196,7 @@ def test_two_processes_over_gloo_match_one_and_resume_after_a_kill(smoke_run, tm
     assert dvc.returncode != 0, f"sft finished before the kill:\n{output[-2000:]}"
     assert not (repo / "models/sft").exists()
     deadline = time.monotonic() + 60  # the workers notice (watchdog) and exit: no survivors
-    while _stage_processes(repo, "tasks/sft.py"):
+    while _stage_processes(repo, "tasks.sft"):
         assert time.monotonic() < deadline, "workers outlived their launcher"
         time.sleep(0.5)
 

@@ -188,9 +188,9 @@ def test_report_stage_runs_from_params(tmp_path: Path) -> None:
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "sft.json").write_text(json.dumps(metrics_of(1.0, ceval=30.0, webqa=10.0)))
     (tmp_path / "params.yaml").write_text("report:\n  title: Smoke run\n  zero_shot: []\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "report.py")],
+        [sys.executable, "-m", "tasks.report"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -202,7 +202,7 @@ def test_report_stage_runs_from_params(tmp_path: Path) -> None:
 
     (tmp_path / "params.yaml").write_text("report:\n  titel: typo\n")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "report.py")],
+        [sys.executable, "-m", "tasks.report"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -213,7 +213,7 @@ def test_report_stage_runs_from_params(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("prepare: {}\n")  # no report section: the defaults
     (tmp_path / "metrics" / "sft.json").unlink()
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "report.py")],
+        [sys.executable, "-m", "tasks.report"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

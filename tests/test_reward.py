@@ -7,10 +7,7 @@ make no judge call, and the API key must appear in no file the stages write.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,15 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 import pytest
 import torch
-import yaml
-from conftest import FIXTURES, ROOT
 
-from chatuie.data.prepare import PrepareConfig, convert_all, write_records
 from chatuie.data.prompts import ChatOptions, build_samples
 from chatuie.data.records import Record
 from chatuie.data.splits import HeldoutSplit, heldout_record_ids, is_heldout
 from chatuie.io import read_json, read_jsonl, write_jsonl
-from chatuie.models.modeling import TinyModelConfig, build_tiny_model, chat_texts, save_model, train_tokenizer
 from chatuie.models.precision import resolve_dtype
 from chatuie.reward.judge import JudgeResult
 from chatuie.reward.model import (
@@ -44,82 +37,17 @@ from chatuie.reward.model import (
 from chatuie.reward.negatives import NegativeSettings
 from chatuie.reward.pairs import JudgedSettings, instructions, judged_pairs, negative_pairs, pair_split
 from tests.helpers.judge_server import JudgeServer
-
-KEY_ENV = "CHATUIE_TEST_RM_JUDGE_KEY"
-SECRET = "sk-rm-test-S3CRET-0a1b2c3d4e5f"
-CHAT = ChatOptions(shuffle_labels=True, absent_label_rate=1.0, max_labels_per_instruction=4, seed=13)
-TINY = TinyModelConfig(
-    vocab_size=1200,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=1,
-    max_position_embeddings=2048,
-    seed=7,
+from tests.helpers.reward_project import (
+    CHAT,
+    IE,
+    KEY_ENV,
+    SECRET,
+    base_params,
+    build_project,
+    fixture_records,
+    run_stage,
+    write_params,
 )
-IE = ("resume", "conll04", "fewfc")
-
-
-# ------------------------------------------------------------------------------ shared project setup
-
-
-def fixture_records(copies: int = 4) -> dict[str, dict[str, list[Record]]]:
-    """The raw fixtures converted; IE train records repeated under new ids (held-out slices need a few)."""
-    converted = convert_all(FIXTURES / "raw", PrepareConfig(webqa_test_size=1))
-    for dataset in IE:
-        train = converted[dataset]["train"]
-        converted[dataset]["train"] = [
-            dataclasses.replace(r, id=f"{r.id}-c{i}") for i in range(copies) for r in train
-        ]
-    return converted
-
-
-def build_project(root: Path, copies: int = 4) -> Path:
-    """data/records and an (untrained) tiny chat model at models/sft: what the RL stages read."""
-    converted = fixture_records(copies)
-    write_records(converted, root / "data" / "records")
-    samples = [
-        s
-        for splits in converted.values()
-        for rs in splits.values()
-        for r in rs
-        for s in build_samples(r, CHAT, train=True)
-    ]
-    tokenizer = train_tokenizer(chat_texts(samples), TINY.vocab_size)
-    model = build_tiny_model(TINY, tokenizer)
-    save_model(model, tokenizer, root / "models" / "sft")
-    return root
-
-
-def base_params(**sections: Any) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "samples": {"chat": dataclasses.asdict(CHAT), "decontaminate": True},
-        "sft": {"heldout": {"fraction": 0.5, "seed": 13}},
-    }
-    params.update(sections)
-    return params
-
-
-def write_params(root: Path, params: dict[str, Any]) -> None:
-    (root / "params.yaml").write_text(
-        yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8"
-    )
-
-
-def run_stage(
-    root: Path, script: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / script), *args],
-        cwd=root,
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(autouse=True)
@@ -409,14 +337,14 @@ def stage_runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
             },
         )
         write_params(root, params)
-        first = run_stage(root, "reward_data.py", env=env)
+        first = run_stage(root, "reward_data", env=env)
         after_first = server.stats()
         pairs_first = (root / "data" / "reward" / "pairs.jsonl").read_bytes()
         metrics_first = read_json(root / "metrics" / "reward_data.json")
-        second = run_stage(root, "reward_data.py", env=env)
+        second = run_stage(root, "reward_data", env=env)
         after_second = server.stats()
         auth = list(server.auth_headers)
-    rm = run_stage(root, "rm.py", env=env)
+    rm = run_stage(root, "rm", env=env)
     yield {
         "root": root,
         "after_first": after_first,

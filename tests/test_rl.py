@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 import pytest
 import torch
-from test_reward import CHAT, IE, build_project, fixture_records
 from transformers import TrainerCallback
 
 from chatuie.data.answers import flatten_answer
@@ -33,6 +32,7 @@ from chatuie.rl.trainer import (
     train_grpo,
     train_ppo,
 )
+from tests.helpers.reward_project import CHAT, IE, build_project, fixture_records
 
 
 @pytest.fixture(autouse=True)

@@ -57,6 +57,8 @@ def tool_env(*, clean: bool = False, **extra: str) -> dict[str, str]:
     prefixes = ("MLFLOW_", "CHATUIE_", "PREFECT_API")
     env = {k: v for k, v in os.environ.items() if not (clean and k.startswith(prefixes))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # `python -m tasks.<stage>` from any folder: a temp repo's own tasks/ (the cwd) comes first
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 
