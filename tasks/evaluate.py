@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatuie.config import ConfigError
-from chatuie.data.prepare import load_records
 from chatuie.data.prompts import ChatOptions
+from chatuie.data.records import load_records
 from chatuie.data.samples import SamplesConfig
 from chatuie.eval.evaluation import (
     EvalSettings,

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from chatuie.config import ConfigError, build, load_params
-from chatuie.data.prepare import load_records
-from chatuie.data.records import Record
+from chatuie.data.records import Record, load_records
 from chatuie.data.samples import SamplesConfig
 from chatuie.data.splits import HeldoutSplit, is_heldout
 from chatuie.io import write_json, write_jsonl

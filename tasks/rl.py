@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatuie.config import ConfigError
-from chatuie.data.prepare import load_records
 from chatuie.data.prompts import save_prompt_options
+from chatuie.data.records import load_records
 from chatuie.data.samples import SamplesConfig
 from chatuie.io import write_json
 from chatuie.models.modeling import full_weights, load_saved, merge_lora, save_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatuie.data.prepare import load_records
+from chatuie.data.records import load_records
 from chatuie.data.samples import SamplesConfig, build_all, write_samples
 from chatuie.io import write_json
 from tasks._stage import run, section

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from chatuie.data.prepare import load_records
+from chatuie.data.records import load_records
 from chatuie.data.validation import (
     ValidateConfig,
     failure_message,

@@ -122,8 +122,8 @@ def test_smoke_repro_registers_version_1_as_production(smoke_run) -> None:
 def test_production_model_extracts(smoke_run, tmp_path: Path) -> None:
     import torch
 
-    from chatuie.data.prepare import load_records
     from chatuie.data.prompts import ie_user_prompt, messages_for
+    from chatuie.data.records import load_records
     from chatuie.decoding import IERequest, constrained_generate
     from chatuie.models.modeling import load_saved
 

@@ -131,9 +131,3 @@ def write_records(converted: dict[str, dict[str, list[Record]]], out_dir: Path) 
             write_jsonl(out_dir / dataset / f"{split}.jsonl", (r.to_dict() for r in records))
             counts[dataset][split] = record_counts(records)
     return counts
-
-
-def load_records(path: Path) -> list[Record]:
-    from chatuie.io import read_jsonl
-
-    return [Record.from_dict(row) for row in read_jsonl(path)]

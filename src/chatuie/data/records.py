@@ -15,10 +15,11 @@ A record is stored as one JSON object per line::
 
 from __future__ import annotations
 
-from chatuie.errors import ChatuieError
-
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from chatuie.errors import ChatuieError
 
 TASKS = ("ner", "re", "ee", "qa", "mcq")
 IE_TASKS = ("ner", "re", "ee")
@@ -153,3 +154,10 @@ def make_entity(text: str, label: str, start: int, end: int, *, where: str) -> E
     if not (0 <= start < end <= len(text)):
         raise ValueError(f"{where}: span [{start}, {end}) out of range for text of length {len(text)}")
     return Entity(type=label, start=start, end=end, text=text[start:end])
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """The records of one JSONL file (``data/records/<dataset>/<split>.jsonl``)."""
+    from chatuie.io import read_jsonl
+
+    return [Record.from_dict(row) for row in read_jsonl(path)]

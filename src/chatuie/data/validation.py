@@ -7,8 +7,6 @@ Python facts into columns GX can check; GX does the checking, the reporting and 
 
 from __future__ import annotations
 
-from chatuie.errors import ChatuieError
-
 import logging
 import shutil
 import tempfile
@@ -21,6 +19,7 @@ import pandas as pd
 
 from chatuie.data.answers import ground
 from chatuie.data.records import TASKS, Record, Schema
+from chatuie.errors import ChatuieError
 
 log = logging.getLogger(__name__)
 

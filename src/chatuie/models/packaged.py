@@ -19,8 +19,6 @@ the base on any machine with the same package installed, once, in a local cache.
 
 from __future__ import annotations
 
-from chatuie.errors import ChatuieError
-
 import json
 import logging
 import os
@@ -32,6 +30,8 @@ from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+
+from chatuie.errors import ChatuieError
 
 log = logging.getLogger(__name__)
 
