@@ -41,8 +41,8 @@ from chatuie.io import read_jsonl
 from chatuie.models.modeling import LoraSettings, ModelConfig, load_model
 from chatuie.models.precision import current_device, resolve_dtype
 from chatuie.train.allocator import keep_freed_memory
-from chatuie.train.trainer import fitting_samples, sft_trainer
-from tasks.sft import SFTStageConfig, select_samples  # the stage's own sample selection
+from chatuie.train.trainer import SFTStageConfig, fitting_samples, sft_trainer
+from tasks.sft import select_samples  # the stage's own sample selection
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatuie.data.prompts import repeat_samples
@@ -23,20 +22,16 @@ from chatuie.io import read_jsonl, write_json
 from chatuie.models.modeling import NOTE_FILE, ModelConfig, chat_texts, load_model, packaged_dtype, save_model
 from chatuie.models.packaged import convert, packaged_name
 from chatuie.models.precision import resolve_dtype
-from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, teach_to_answer
+from chatuie.train.trainer import (
+    BaseStageConfig,
+    claim_checkpoints,
+    file_digest,
+    teach_to_answer,
+)
 from tasks._stage import record_precision, run, section, set_threads
 
 OUT = Path("models/base")
 
-
-@dataclass(frozen=True)
-class BaseStageConfig:
-    """``base`` section: what teaching the tiny model to answer uses."""
-
-    qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
-    repeat_samples: int = 0  # "repeat the text" samples from IE training texts: copying, before SFT
-    teach: TeachSettings = field(default_factory=TeachSettings)
-    threads: int = 0
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from chatuie.config import ConfigError
@@ -18,7 +18,7 @@ from chatuie.data.prompts import ChatOptions
 from chatuie.data.records import load_records
 from chatuie.data.samples import SamplesConfig
 from chatuie.eval.evaluation import (
-    EvalSettings,
+    EvaluateStageConfig,
     _subsample,
     evaluate_ceval,
     evaluate_dataset,
@@ -32,38 +32,6 @@ from tasks._stage import record_precision, run, section, set_threads
 
 IE_TEST = {"resume": "test", "conll04": "test", "fewfc": "test"}
 
-
-@dataclass(frozen=True)
-class EvaluateStageConfig:
-    """``evaluate`` section."""
-
-    settings: EvalSettings = field(default_factory=EvalSettings)
-    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
-    # Datasets never taught (prepare refuses one in sft.datasets): metrics/<model>.json "zero_shot",
-    # the report's zero-shot table; not in mean_ie_f1 nor in the protocol digest.
-    zero_shot: list[str] = field(default_factory=list)
-    constraint_modes: list[str] = field(default_factory=lambda: ["constrained", "free"])
-    # Per model, modes instead of constraint_modes (the first is the headline): the ablation where
-    # it is read, e.g. {base: [constrained], rl: [constrained]} evaluates "free" on sft alone.
-    model_constraint_modes: dict[str, list[str]] = field(default_factory=dict)
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        both = sorted(set(self.datasets) & set(self.zero_shot))
-        if both:
-            raise ConfigError(f"params.yaml: evaluate.zero_shot: {both[0]!r} is also in evaluate.datasets")
-        for model, modes in {"": self.constraint_modes, **self.model_constraint_modes}.items():
-            where = "constraint_modes" if not model else f"model_constraint_modes.{model}"
-            unknown = sorted(set(modes) - {"constrained", "free"})
-            if not modes or unknown:
-                raise ConfigError(
-                    f"params.yaml: evaluate.{where}: {unknown[0] if unknown else 'empty'!r}; "
-                    "expected a non-empty list of 'constrained' / 'free'"
-                )
-
-    def modes_for(self, model: str) -> list[str]:
-        """The constraint modes ``model`` is evaluated in; the first is its headline."""
-        return self.model_constraint_modes.get(model, self.constraint_modes)
 
 
 def main() -> None:

@@ -13,28 +13,15 @@ Writes metrics/register.json: the version, whether it is production, and why.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from chatuie.config import ConfigError
 from chatuie.eval.comparison import record_scores
 from chatuie.eval.gate import Baseline, PromotionPolicy
-from chatuie.eval.promotion import promote
+from chatuie.eval.promotion import RegisterConfig, promote
 from chatuie.io import write_json
 from chatuie.tracking import register_model
 from tasks._stage import run, section
-
-
-@dataclass(frozen=True)
-class RegisterConfig:
-    """``register`` section."""
-
-    model: str = "sft"  # models/<model> and metrics/<model>.json (later: rl)
-    registered_model: str = "chatuie"
-    gate: bool = True  # run the promotion gate right after registering
-    # The model `model` was trained from (metrics/<baseline>.json, reports/eval/<baseline>/): with
-    # no production yet, a version worse than it stays a candidate. The same as `model`: none.
-    baseline: str = "sft"
 
 
 def load_baseline(model: str) -> Baseline:

@@ -13,7 +13,6 @@ What RL changed over SFT is stage `rl_compare` (tasks/rl_compare.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatuie.config import ConfigError
@@ -24,8 +23,6 @@ from chatuie.io import write_json
 from chatuie.models.modeling import full_weights, load_saved, merge_lora, save_model
 from chatuie.reward.model import load_reward_model
 from chatuie.rl.trainer import (
-    GRPOSettings,
-    PPOSettings,
     RLConfig,
     prompt_lengths,
     rl_prompts,
@@ -42,42 +39,9 @@ OUT = Path("models/rl")
 CHECKPOINTS = Path("models/checkpoints/rl")
 
 
-@dataclass(frozen=True)
-class RLStageConfig:
-    """``rl`` section."""
-
-    algorithm: str = "ppo"  # ppo (the paper's) | grpo
-    kl_coef: float = 0.05  # β, the KL coefficient to the SFT model (PPO kl_coef, GRPO beta)
-    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
-    max_prompts_per_dataset: int = 64  # instructions sampled per dataset (0 = all)
-    max_prompt_length: int = 448  # tokens; longer prompts are left out
-    ppo: PPOSettings = field(default_factory=PPOSettings)
-    grpo: GRPOSettings = field(default_factory=GRPOSettings)
-    freeze_embeddings: bool = False  # policy and value model keep the SFT input embedding
-    save_steps: int = 1  # checkpoint every N PPO updates / GRPO steps (0 = none)
-    seed: int = 13
-    threads: int = 0
-    device: str = "cpu"
-
-    def training(self) -> RLConfig:
-        return RLConfig(
-            algorithm=self.algorithm,
-            kl_coef=self.kl_coef,
-            ppo=self.ppo,
-            grpo=self.grpo,
-            freeze_embeddings=self.freeze_embeddings,
-            save_steps=self.save_steps,
-            seed=self.seed,
-            device=self.device,
-        )
-
 
 def train() -> None:
-    stage = section("rl", RLStageConfig)
-    try:
-        config = stage.training()
-    except ValueError as err:
-        raise ConfigError(f"params.yaml: {err}") from None
+    stage = config = section("rl", RLConfig)
     chat = section("samples", SamplesConfig).chat
     set_threads(stage.threads)
     started = time.monotonic()

@@ -9,34 +9,24 @@ metrics/train/rm_loss.csv.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatuie.config import ConfigError
 from chatuie.io import atomic_open, read_jsonl, write_json
 from chatuie.models.precision import resolve_autocast
 from chatuie.reward.model import (
-    RewardTrainSettings,
+    RMStageConfig,
     load_reward_base,
     pairwise_accuracy,
     save_reward_model,
     train_reward_model,
 )
 from chatuie.reward.pairs import sample_records
-from chatuie.train.launch import LaunchSettings, is_main_process, relaunch
+from chatuie.train.launch import is_main_process, relaunch
 from tasks._stage import record_precision, run, section, set_threads
 
 OUT = Path("models/rm")
 
-
-@dataclass(frozen=True)
-class RMStageConfig:
-    """``rm`` section."""
-
-    train: RewardTrainSettings = field(default_factory=RewardTrainSettings)
-    train_accuracy_pairs: int = 200  # training pairs re-scored after training (fit check; 0 = none)
-    threads: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.train.launch)
 
 
 def main() -> None:

@@ -9,49 +9,18 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatuie.config import ConfigError
 from chatuie.data.prompts import save_prompt_options
 from chatuie.data.samples import SamplesConfig
-from chatuie.data.splits import HeldoutSplit, is_heldout
+from chatuie.data.splits import is_heldout
 from chatuie.io import read_jsonl, write_json
 from chatuie.models.modeling import ModelConfig, load_model, merge_lora, save_model
 from chatuie.models.precision import resolve_dtype
-from chatuie.train.launch import LaunchSettings, decided_by_main, is_main_process, relaunch
-from chatuie.train.trainer import TeachSettings, claim_checkpoints, file_digest, train_sft
+from chatuie.train.launch import decided_by_main, is_main_process, relaunch
+from chatuie.train.trainer import SFTStageConfig, claim_checkpoints, file_digest, train_sft
 from tasks._stage import record_precision, run, section, set_threads
 from tasks.base import write_loss_curve
-
-
-@dataclass(frozen=True)
-class SFTStageConfig:
-    """``sft`` section."""
-
-    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
-    max_samples_per_dataset: int = 0  # 0 = all
-    # Copies of a dataset's samples in the training mix (default 1): a small dataset (CoNLL04 has
-    # 922 records against FewFC's 7,185) otherwise gets a small share of the steps.
-    repeats: dict[str, int] = field(default_factory=dict)
-    qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
-    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples
-    # Train records SFT leaves out (by a hash of the record id): reward_data scores the SFT
-    # model's answers on them, records it never saw.
-    heldout: HeldoutSplit = field(default_factory=HeldoutSplit)
-    train: TeachSettings = field(default_factory=TeachSettings)
-    merge_lora: bool = False
-    threads: int = 0
-    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.train.launch)
-    seed: int = 13
-
-    def __post_init__(self) -> None:
-        for dataset, copies in self.repeats.items():
-            where = f"params.yaml: sft.repeats.{dataset}"
-            if dataset not in self.datasets:
-                raise ConfigError(f"{where}: not one of sft.datasets {self.datasets}")
-            if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
-                raise ConfigError(f"{where}: expected an integer >= 1, got {copies!r}")
 
 
 def select_samples(samples: list[dict], config: SFTStageConfig) -> list[dict]:

@@ -63,7 +63,8 @@ def test_declared_datasets_are_taught_scored_and_reported(smoke_repo: Path) -> N
     a schema file; zero-shot only), under data/user/smoke tracked with `dvc add`."""
     from chatuie.config import build, load_params
     from chatuie.io import read_jsonl
-    from tasks.sft import SFTStageConfig, select_samples
+    from chatuie.train.trainer import SFTStageConfig
+    from tasks.sft import select_samples
 
     records = smoke_repo / "data" / "records"
     assert json.loads((records / "smoke_re" / "schema.json").read_text())["relations"][0] == {

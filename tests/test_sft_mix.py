@@ -8,7 +8,8 @@ import pytest
 
 from chatuie.config import ConfigError, build
 from chatuie.data.splits import HeldoutSplit
-from tasks.sft import SFTStageConfig, select_samples
+from chatuie.train.trainer import SFTStageConfig
+from tasks.sft import select_samples
 
 
 def _samples() -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from chatuie.config import ConfigError, build, load_params
-from tasks.evaluate import EvaluateStageConfig
+from chatuie.eval.evaluation import EvaluateStageConfig
 
 
 def test_constraint_modes_per_model() -> None:
@@ -39,11 +39,11 @@ def test_bad_constraint_modes_name_the_field(section: dict, where: str) -> None:
 )
 def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: float) -> None:
     # `dvc exp run -S rl.grpo.learning_rate=5e-5` writes 5e-05, which PyYAML reads as a string
-    from tasks.rl import RLStageConfig
+    from chatuie.rl.trainer import RLConfig
 
     path = tmp_path / "params.yaml"
     path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")
-    config = build(RLStageConfig, load_params(path)["rl"], "params.yaml: rl")
+    config = build(RLConfig, load_params(path)["rl"], "params.yaml: rl")
     assert config.grpo.learning_rate == value and isinstance(config.grpo.learning_rate, float)
     # A signed one reads as a float too (a learning rate refuses it as out of range: it must be > 0).
     path.write_text(f"promote:\n  min_f1_gain: -{text}\n")
@@ -52,9 +52,9 @@ def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: f
 
 @pytest.mark.parametrize("text", ["'fast'", "5e", "e-5", "1e-5x"])
 def test_non_numbers_for_a_float_still_name_the_field(tmp_path, text: str) -> None:
-    from tasks.rl import RLStageConfig
+    from chatuie.rl.trainer import RLConfig
 
     path = tmp_path / "params.yaml"
     path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")
     with pytest.raises(ConfigError, match=r"rl\.grpo\.learning_rate: expected float"):
-        build(RLStageConfig, load_params(path)["rl"], "params.yaml: rl")
+        build(RLConfig, load_params(path)["rl"], "params.yaml: rl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,15 @@ def promote(
         return promoted, reason, tags
 
     return gate_version(judge, version, name=name, root=root)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """``register`` section."""
+
+    model: str = "sft"  # models/<model> and metrics/<model>.json (later: rl)
+    registered_model: str = "chatuie"
+    gate: bool = True  # run the promotion gate right after registering
+    # The model `model` was trained from (metrics/<baseline>.json, reports/eval/<baseline>/): with
+    # no production yet, a version worse than it stays a candidate. The same as `model`: none.
+    baseline: str = "sft"

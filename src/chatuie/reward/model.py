@@ -13,7 +13,7 @@ import logging
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -21,7 +21,7 @@ import torch
 
 from chatuie.models.modeling import load_saved, merge_lora, save_model
 from chatuie.models.precision import resolve_autocast
-from chatuie.train.launch import per_process_batch
+from chatuie.train.launch import LaunchSettings, per_process_batch
 from chatuie.train.trainer import TrainingProgress, freeze_input_embeddings, trainer_safety_args
 
 log = logging.getLogger(__name__)
@@ -345,3 +345,13 @@ def pairwise_accuracy(
         "mean_chosen_reward": round(sum(scores[:n]) / n, 4) if n else None,
         "mean_rejected_reward": round(sum(scores[n:]) / n, 4) if n else None,
     }
+
+
+@dataclass(frozen=True)
+class RMStageConfig:
+    """``rm`` section."""
+
+    train: RewardTrainSettings = field(default_factory=RewardTrainSettings)
+    train_accuracy_pairs: int = 200  # training pairs re-scored after training (fit check; 0 = none)
+    threads: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.train.launch)

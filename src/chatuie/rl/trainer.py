@@ -123,10 +123,14 @@ class GRPOSettings:
 
 @dataclass(frozen=True)
 class RLConfig:
-    """One RL run: the algorithm, the KL coefficient (β) and each algorithm's settings."""
+    """``rl`` section: one RL run - the prompts, the algorithm, the KL coefficient (β) and each
+    algorithm's settings."""
 
-    algorithm: str = "ppo"
-    kl_coef: float = 0.05  # β: PPO's kl_coef, GRPO's beta
+    algorithm: str = "ppo"  # ppo (the paper's) | grpo
+    kl_coef: float = 0.05  # β, the KL coefficient to the SFT model: PPO's kl_coef, GRPO's beta
+    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    max_prompts_per_dataset: int = 64  # instructions sampled per dataset (0 = all)
+    max_prompt_length: int = 448  # tokens; longer prompts are left out
     ppo: PPOSettings = field(default_factory=PPOSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     logging_steps: int = 1
@@ -137,6 +141,7 @@ class RLConfig:
     # a killed run resumes (0: none). Only the newest checkpoint is kept.
     save_steps: int = 1
     seed: int = 13
+    threads: int = 0
     device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
     def __post_init__(self) -> None:

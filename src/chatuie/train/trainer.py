@@ -10,17 +10,18 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
 from chatuie.config import ConfigError
+from chatuie.data.splits import HeldoutSplit
 from chatuie.models.modeling import is_peft
 from chatuie.progress import Progress
 from chatuie.train.answer_loss import patch_answer_loss
-from chatuie.train.launch import is_main_process, per_process_batch
+from chatuie.train.launch import LaunchSettings, is_main_process, per_process_batch
 
 logger = logging.getLogger(__name__)
 
@@ -430,3 +431,42 @@ def train_sft(
 ) -> TrainResult:
     """Supervised fine-tuning on IE instructions: :func:`train_chat` (LoRA when the model is a peft model)."""
     return train_chat(model, tokenizer, samples, settings, output_dir, **{"progress": "sft", **kwargs})
+
+
+@dataclass(frozen=True)
+class BaseStageConfig:
+    """``base`` section: what teaching the tiny model to answer uses."""
+
+    qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
+    repeat_samples: int = 0  # "repeat the text" samples from IE training texts: copying, before SFT
+    teach: TeachSettings = field(default_factory=TeachSettings)
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    """``sft`` section."""
+
+    datasets: list[str] = field(default_factory=lambda: ["resume", "conll04", "fewfc"])
+    max_samples_per_dataset: int = 0  # 0 = all
+    # Copies of a dataset's samples in the training mix (default 1): a small dataset (CoNLL04 has
+    # 922 records against FewFC's 7,185) otherwise gets a small share of the steps.
+    repeats: dict[str, int] = field(default_factory=dict)
+    qa_datasets: list[str] = field(default_factory=lambda: ["webqa", "ceval"])
+    qa_replay_fraction: float = 0.1  # QA samples added, as a share of the IE samples
+    # Train records SFT leaves out (by a hash of the record id): reward_data scores the SFT
+    # model's answers on them, records it never saw.
+    heldout: HeldoutSplit = field(default_factory=HeldoutSplit)
+    train: TeachSettings = field(default_factory=TeachSettings)
+    merge_lora: bool = False
+    threads: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # data-parallel (chatuie.train.launch)
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        for dataset, copies in self.repeats.items():
+            where = f"params.yaml: sft.repeats.{dataset}"
+            if dataset not in self.datasets:
+                raise ConfigError(f"{where}: not one of sft.datasets {self.datasets}")
+            if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+                raise ConfigError(f"{where}: expected an integer >= 1, got {copies!r}")
