@@ -21,32 +21,30 @@ import torch
 
 from chatuie.models.modeling import load_saved, merge_lora, save_model
 from chatuie.models.precision import resolve_autocast
-from chatuie.train.launch import LaunchSettings, per_process_batch
-from chatuie.train.trainer import TrainingProgress, freeze_input_embeddings, trainer_safety_args
+from chatuie.train.launch import LaunchSettings
+from chatuie.train.trainer import (
+    TrainerSettings,
+    TrainingProgress,
+    freeze_input_embeddings,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class RewardTrainSettings:
-    """``rm.train``: one reward-model run (TRL ``RewardTrainer``, CPU-safe)."""
+class RewardTrainSettings(TrainerSettings):
+    """``rm.train``: one reward-model run (TRL ``RewardTrainer``, CPU-safe). ``per_device_batch_size``
+    counts pairs per step (twice as many sequences); longer pairs than ``max_length`` are left out."""
 
     max_steps: int = 100
     learning_rate: float = 1e-4
+    lr_scheduler: str = "linear"
     # The score head's own rate (None: learning_rate). The head starts at zero and is one vector;
     # at the backbone's rate it moved so little in 20 steps that pairs stayed near ties.
     head_learning_rate: float | None = None
-    per_device_batch_size: int = 8  # pairs per step (twice as many sequences)
-    gradient_accumulation: int = 1
-    max_length: int = 512  # tokens per sequence: longer pairs are left out
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
     # Pulls rewards toward zero mean (Eisenstein et al. 2023): PPO adds the score to a KL penalty.
     center_rewards_coefficient: float | None = 0.01
-    logging_steps: int = 10
     eval_batch_size: int = 16
     # The input embedding stays as SFT left it: on Gemma it is 170 M of the 268 M parameters, and
     # its gradient and Adam state cost more than what a few hundred pairs can teach it.
@@ -57,8 +55,6 @@ class RewardTrainSettings:
     # in bf16, updates stay fp32; scoring after training stays fp32. auto: on where this machine
     # computes bfloat16 natively (AVX-512 BF16 / AMX / CUDA; chatuie.models.precision), off elsewhere.
     bf16: bool | str = False
-    seed: int = 13
-    device: str = "cpu"  # "cpu" | "auto" (GPU if any)
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -176,27 +172,11 @@ def reward_config(settings: RewardTrainSettings, output_dir: str | Path, **overr
     """TRL ``RewardConfig`` for a CPU-safe run without checkpoints (``overrides`` win)."""
     from trl import RewardConfig
 
-    if settings.device not in ("cpu", "auto"):
-        raise ValueError(f"device: expected 'cpu' or 'auto', got {settings.device!r}")
-    # Data-parallel (chatuie.train.launch): the params' batch x accumulation is the global batch.
-    batch, accumulation = per_process_batch(settings.per_device_batch_size, settings.gradient_accumulation)
     kwargs: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "max_steps": settings.max_steps,
-        "learning_rate": settings.learning_rate,
-        "per_device_train_batch_size": batch,
-        "gradient_accumulation_steps": accumulation,
-        "warmup_steps": settings.warmup_ratio,  # transformers 5: a float < 1 is the warmup ratio
-        "weight_decay": settings.weight_decay,
-        "lr_scheduler_type": settings.lr_scheduler,
-        "max_grad_norm": settings.max_grad_norm,
+        **settings.trainer_kwargs(output_dir),
         "center_rewards_coefficient": settings.center_rewards_coefficient,
-        "max_length": settings.max_length,
-        "logging_steps": settings.logging_steps,
-        "logging_first_step": True,
         "save_strategy": "no",  # minutes-long run: a checkpoint costs more than a rerun
         "eval_strategy": "no",
-        **trainer_safety_args(settings.device, settings.seed),
         "bf16": resolve_autocast(settings.bf16, where="rm.train.bf16"),
     }
     kwargs.update(overrides)

@@ -29,23 +29,55 @@ ANSWER_NLL = "answer_nll"  # TeachSettings.loss_type of chatuie.train.answer_los
 LOSS_TYPES = (ANSWER_NLL, "chunked_nll", "nll", "dft")  # the last three: TRL's own
 
 
-@dataclass
-class TeachSettings:
-    """One causal-LM training run on chat samples (loss on the assistant turns only)."""
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What every Trainer-based run shares (SFT, the reward model): steps, optimizer, batch,
+    logging, seed and device. :meth:`trainer_kwargs` turns them into the transformers
+    ``TrainingArguments`` fields every TRL config takes, so each trainer's config adds only its own."""
 
     max_steps: int = 200
     learning_rate: float = 5e-4
     per_device_batch_size: int = 8
     gradient_accumulation: int = 1
-    max_length: int = 512  # tokens per sample (longer ones are left out); packed rows have this length
+    max_length: int = 512  # tokens per sample (longer ones are left out)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
     max_grad_norm: float = 1.0
-    save_steps: int = 50  # checkpoint every N optimizer steps (0 = no checkpoints)
-    save_total_limit: int | None = 2
     logging_steps: int = 10
     seed: int = 13
+    device: str = "cpu"  # "cpu" (use_cpu=True, reproducible on the reference machine) | "auto" (GPU if any)
+
+    def trainer_kwargs(self, output_dir: str | Path) -> dict[str, Any]:
+        if self.device not in ("cpu", "auto"):
+            raise ValueError(f"device: expected 'cpu' or 'auto', got {self.device!r}")
+        # Data-parallel (chatuie.train.launch): the params' batch x accumulation is the global batch.
+        batch, accumulation = per_process_batch(self.per_device_batch_size, self.gradient_accumulation)
+        return {
+            "output_dir": str(output_dir),
+            "max_steps": self.max_steps,
+            "learning_rate": self.learning_rate,
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": accumulation,
+            # transformers 5 dropped warmup_ratio: a float < 1 in warmup_steps is the ratio.
+            "warmup_steps": self.warmup_ratio,
+            "weight_decay": self.weight_decay,
+            "lr_scheduler_type": self.lr_scheduler,
+            "max_grad_norm": self.max_grad_norm,
+            "max_length": self.max_length,
+            "logging_steps": self.logging_steps,
+            "logging_first_step": True,
+            **trainer_safety_args(self.device, self.seed),
+        }
+
+
+@dataclass(frozen=True)
+class TeachSettings(TrainerSettings):
+    """One causal-LM training run on chat samples (loss on the assistant turns only); packed rows
+    are ``max_length`` tokens long."""
+
+    save_steps: int = 50  # checkpoint every N optimizer steps (0 = no checkpoints)
+    save_total_limit: int | None = 2
     # False: length-grouped batches (little padding, no cross-sample attention question at all).
     # True: TRL's BFD packing (padding-free rows; transformers 5 derives a block-diagonal mask
     # from the position ids on sdpa/eager, so packed samples do not attend to each other).
@@ -55,7 +87,6 @@ class TeachSettings:
     # "chunked_nll": TRL 1.12's default (the head in float32, in checkpointed chunks) |
     # "nll": the plain cross-entropy over every position
     loss_type: str = "chunked_nll"
-    device: str = "cpu"  # "cpu" (use_cpu=True, reproducible on the reference machine) | "auto" (GPU if any)
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -220,34 +251,19 @@ def sft_config(settings: TeachSettings, output_dir: str | Path, *, has_eval: boo
     """TRL ``SFTConfig`` for a CPU-safe, assistant-only, checkpointed run (``overrides`` win)."""
     from trl import SFTConfig
 
-    if settings.device not in ("cpu", "auto"):
-        raise ValueError(f"device: expected 'cpu' or 'auto', got {settings.device!r}")
     save = settings.save_steps > 0
-    # Data-parallel (chatuie.train.launch): the params' batch x accumulation is the global batch.
-    batch, accumulation = per_process_batch(settings.per_device_batch_size, settings.gradient_accumulation)
     kwargs: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "max_steps": settings.max_steps,
-        "learning_rate": settings.learning_rate,
-        "per_device_train_batch_size": batch,
-        "per_device_eval_batch_size": batch,
-        "gradient_accumulation_steps": accumulation,
-        # transformers 5 dropped warmup_ratio: a float < 1 in warmup_steps is the ratio.
-        "warmup_steps": settings.warmup_ratio,
-        "weight_decay": settings.weight_decay,
-        "lr_scheduler_type": settings.lr_scheduler,
-        "max_grad_norm": settings.max_grad_norm,
-        "logging_steps": settings.logging_steps,
-        "logging_first_step": True,
+        **settings.trainer_kwargs(output_dir),
+        "per_device_eval_batch_size": per_process_batch(
+            settings.per_device_batch_size, settings.gradient_accumulation
+        )[0],
         "save_strategy": "steps" if save else "no",
         "save_steps": settings.save_steps if save else 500,
         "save_total_limit": settings.save_total_limit,
         "eval_strategy": "steps" if has_eval else "no",
         "eval_steps": (settings.save_steps or settings.logging_steps) if has_eval else None,
-        **trainer_safety_args(settings.device, settings.seed),
         # Data: conversational samples, loss on assistant turns (answer + <|im_end|>) only.
         "assistant_only_loss": True,
-        "max_length": settings.max_length,
         "packing": settings.packing,
         "packing_strategy": "bfd",
         # answer_nll replaces the forward TRL patches for chunked_nll, and returns the same fields.
