@@ -1,4 +1,4 @@
-"""The run report: tables from metrics/<model>.json, inline SVG plots, the `report` stage."""
+"""The run report: tables from metrics/<model>.json, SVG plots (matplotlib), the `report` stage."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from chatuie.eval.report import ReportConfig, ReportError, bar_chart, build_report, write_report
+from chatuie.eval.charts import PALETTE, bar_chart, line_chart
+from chatuie.eval.report import ReportConfig, ReportError, build_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,15 +138,66 @@ def test_zero_shot_key_of_the_evaluate_stage_fills_the_zero_shot_table() -> None
     assert "mine" in report.markdown()
 
 
+def svg_texts(svg: str) -> list[str]:
+    """The text of an SVG's ``<text>`` elements (matplotlib keeps text as text: svg.fonttype none)."""
+    root = ET.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    return ["".join(el.itertext()) for el in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
 def test_svg_charts_are_valid_xml() -> None:
     svg = bar_chart(
         "F1 <per> dataset", ["resume", "中文"], [("Base", [1.0, None]), ("SFT", [50.0, 20.0])], "F1"
     )
-    root = ET.fromstring(svg)
-    assert root.tag.endswith("svg")
-    bars = [el for el in root.iter() if el.tag.endswith("rect") and el.get("fill", "").startswith("#")]
-    assert len(bars) == 3 + 2  # three values (one n/a) and two legend swatches
-    assert "n/a" in svg and "F1 &lt;per&gt; dataset" in svg
+    assert svg.startswith("<svg") and svg.endswith("</svg>")  # no XML prolog: it inlines in HTML
+    texts = svg_texts(svg)
+    for expected in ("F1 <per> dataset", "resume", "中文", "Base", "SFT", "F1", "n/a", "1", "50", "20"):
+        assert expected in texts, expected
+    bars = [c for c in PALETTE[:2] for _ in range(svg.count(f"fill: {c}"))]
+    assert len(bars) == 3 + 2  # three values (one n/a draws no bar) and two legend swatches
+    # The y axis reaches a round number above the largest value (50 -> 50, with min_top 60 -> 100).
+    assert "50" in texts and "60" not in texts
+    assert "100" in svg_texts(bar_chart("t", ["a"], [("s", [50.0])], "y", min_top=60))
+
+    line = line_chart("RL reward", [("reward", [(1.0, -0.5), (2.0, 0.25)])], "update", "reward")
+    texts = svg_texts(line)
+    for expected in ("RL reward", "reward", "update", "−0.5", "0.2"):  # a negative axis for rewards
+        assert expected in texts, expected
+
+
+def test_charts_are_deterministic_and_matplotlib_is_imported_lazily(tmp_path: Path) -> None:
+    """The same metrics give byte-identical files, in this process and in another one (another hash
+    seed); importing the report does not import matplotlib."""
+    metrics_dir = tmp_path / "metrics"
+    (metrics_dir / "train").mkdir(parents=True)
+    for name, scale in (("base", 0.2), ("sft", 1.0)):
+        (metrics_dir / f"{name}.json").write_text(json.dumps(metrics_of(scale, ceval=30.0, webqa=10.0)))
+        (metrics_dir / "train" / f"{name}_loss.csv").write_text("step,loss\n1,7.5\n10,6.0\n20,5.25\n")
+    first = write_report(metrics_dir, tmp_path / "a")
+    again = write_report(metrics_dir, tmp_path / "a")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "PYTHONHASHSEED": "12345",
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+    }
+    code = (
+        "import sys\n"
+        "from chatuie.eval.report import write_report\n"
+        "assert 'matplotlib' not in sys.modules, 'importing the report imports matplotlib'\n"
+        "write_report(sys.argv[1], sys.argv[2])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(metrics_dir), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    for path in first:
+        other = tmp_path / "b" / path.relative_to(tmp_path / "a")
+        assert path.read_bytes() == other.read_bytes(), path.name
 
 
 def test_write_report_files(tmp_path: Path) -> None:
@@ -179,8 +231,16 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert "![IE F1 per dataset](report_plots/f1_per_dataset.svg)" in md
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("<svg") == 5 and "<link" not in page and "<script" not in page
-    for svg in (out / "report_plots").glob("*.svg"):
-        ET.fromstring(svg.read_text(encoding="utf-8"))
+    plots = {svg.stem: svg_texts(svg.read_text(encoding="utf-8")) for svg in out.glob("report_plots/*.svg")}
+    columns = ["Base", "SFT", "SFT + constraint", "RL"]
+    datasets = ["resume", "conll04", "fewfc"]
+    assert set(plots["f1_per_dataset"]) >= {"IE F1 per dataset", "F1 (%)", *columns, *datasets, "55", "33"}
+    modes = ["Base free", "Base constrained", "SFT free", "SFT constrained", "RL free", "RL constrained"]
+    assert set(plots["invented_spans"]) >= {"Invented-span rate", *modes, *datasets, "12.5", "n/a"}
+    chat = ["WebQA exact match", "WebQA ROUGE-1 (char)", "C-Eval accuracy"]
+    assert set(plots["chat_ability"]) >= {"Chat ability", "score (%)", "Base", "SFT", "RL", *chat, "29"}
+    assert set(plots["training_loss"]) >= {"Training loss", "Base", "SFT", "step", "loss"}
+    assert set(plots["rl_reward"]) >= {"RL reward", "reward", "update"}
     assert oct((out / "report.md").stat().st_mode & 0o777) != "0o600"
 
 

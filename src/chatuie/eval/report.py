@@ -4,7 +4,7 @@ Reads ``metrics/<model>.json`` (written by ``tasks/evaluate.py``; ``rl`` when it
 training summaries and loss curves ``metrics/train/<model>.json`` / ``<model>_loss.csv`` and the RL
 stage's ``metrics/rl_train.json`` when they exist; writes ``report.md`` (tables, plots
 linked as SVG files in ``report_plots/``) and a self-contained ``report.html`` (inline CSS and
-SVG). Charts are drawn here as SVG, so no plotting library is needed.
+SVG). The charts are drawn by ``chatuie.eval.charts`` (matplotlib, byte-identical for the same metrics).
 
 Tables:
 
@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from chatuie.errors import ChatuieError
+from chatuie.eval.charts import bar_chart, line_chart
 from chatuie.eval.metrics import HEADLINE
 
 DASH = "—"
-PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"]
 KNOWN_TASKS = {"resume": "ner", "conll04": "re", "fewfc": "ee"}
 MODEL_NAMES = {"base": "Base", "sft": "SFT", "rl": "RL"}
 PLOTS_DIR = "report_plots"
@@ -400,155 +400,6 @@ def training_table(train_metrics: dict[str, dict[str, Any]]) -> Table | None:
             ]
         )
     return Table("Training", ["stage", "samples", "steps", "final loss", "seconds"], rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# SVG charts
-
-
-def _nice_max(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    scale = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if step * scale >= value:
-            return step * scale
-    return 10 * scale
-
-
-def _esc(text: str) -> str:
-    return html.escape(text, quote=True)
-
-
-def _svg_head(title: str, width: int, height: int) -> list[str]:
-    return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-        f'height="{height}" role="img" aria-label="{_esc(title)}" font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14" '
-        f'font-weight="bold">{_esc(title)}</text>',
-    ]
-
-
-def _y_label(label: str, y: float) -> str:
-    return f'<text transform="translate(14 {y}) rotate(-90)" text-anchor="middle">{_esc(label)}</text>'
-
-
-def bar_chart(
-    title: str,
-    groups: Sequence[str],
-    series: Sequence[tuple[str, Sequence[float | None]]],
-    y_label: str,
-    *,
-    y_max: float | None = None,
-    min_top: float = 1.0,
-    width: int = 720,
-    height: int = 340,
-) -> str:
-    """A grouped bar chart; ``None`` values are drawn as "n/a"."""
-    left, right, top, bottom = 56, 12, 56, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    values = [v for _, vs in series for v in vs if v is not None]
-    top_value = y_max or _nice_max(max([*values, min_top]))
-    out = _svg_head(title, width, height)
-    for k in range(6):  # grid and y ticks
-        value = top_value * k / 5
-        y = top + plot_h - plot_h * k / 5
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{value:g}</text>')
-    out.append(_y_label(y_label, top + plot_h / 2))
-    group_w = plot_w / max(len(groups), 1)
-    bar_w = group_w * 0.8 / max(len(series), 1)
-    for g, group in enumerate(groups):
-        x0 = left + g * group_w + group_w * 0.1
-        for s, (_, vs) in enumerate(series):
-            value = vs[g] if g < len(vs) else None
-            x = x0 + s * bar_w
-            if value is None:
-                out.append(
-                    f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 3}" text-anchor="middle" '
-                    f'fill="#999" font-size="9">n/a</text>'
-                )
-                continue
-            h = plot_h * min(value, top_value) / top_value
-            y = top + plot_h - h
-            colour = PALETTE[s % len(PALETTE)]
-            out.append(
-                f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w * 0.92:.1f}" height="{h:.1f}" fill="{colour}">'
-                f"<title>{_esc(series[s][0])} · {_esc(group)}: {value:g}</title></rect>"
-            )
-            out.append(
-                f'<text x="{x + bar_w * 0.46:.1f}" y="{y - 3:.1f}" text-anchor="middle" '
-                f'font-size="9">{value:g}</text>'
-            )
-        out.append(
-            f'<text x="{left + g * group_w + group_w / 2:.1f}" y="{top + plot_h + 16}" '
-            f'text-anchor="middle" font-size="12">{_esc(group)}</text>'
-        )
-    out.append(
-        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#444"/>'
-    )
-    out.append(_legend([name for name, _ in series], width, 34))
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _legend(names: Sequence[str], width: int, y: int) -> str:
-    widths = [18 + 7 * len(name) + 14 for name in names]
-    x = max(8.0, (width - sum(widths)) / 2)
-    out = []
-    for i, name in enumerate(names):
-        colour = PALETTE[i % len(PALETTE)]
-        out.append(f'<rect x="{x:.1f}" y="{y - 9}" width="12" height="12" fill="{colour}"/>')
-        out.append(f'<text x="{x + 16:.1f}" y="{y + 1}">{_esc(name)}</text>')
-        x += widths[i]
-    return "".join(out)
-
-
-def line_chart(
-    title: str,
-    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
-    x_label: str,
-    y_label: str,
-    *,
-    width: int = 720,
-    height: int = 320,
-) -> str:
-    left, right, top, bottom = 56, 16, 56, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    xs = [x for _, pts in series for x, _ in pts]
-    ys = [y for _, pts in series for _, y in pts]
-    x_max = max(xs, default=1.0) or 1.0
-    # From 0 up, or down to a (nice) negative minimum: rewards may be negative.
-    y_min = -_nice_max(-min(ys)) if ys and min(ys) < 0 else 0.0
-    y_max = _nice_max(max(ys, default=1.0)) if ys and max(ys) > 0 else 0.0
-    if y_max == y_min:
-        y_max = y_min + 1.0
-    span = y_max - y_min
-
-    def px(x: float, y: float) -> str:
-        return f"{left + plot_w * x / x_max:.1f},{top + plot_h - plot_h * (y - y_min) / span:.1f}"
-
-    out = _svg_head(title, width, height)
-    for k in range(6):
-        y = top + plot_h - plot_h * k / 5
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')
-        out.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y_min + span * k / 5:.4g}</text>'
-        )
-        x = left + plot_w * k / 5
-        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{x_max * k / 5:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{_esc(x_label)}</text>')
-    out.append(_y_label(y_label, top + plot_h / 2))
-    for i, (name, pts) in enumerate(series):
-        points = " ".join(px(x, y) for x, y in pts)
-        out.append(
-            f'<polyline points="{points}" fill="none" stroke="{PALETTE[i % len(PALETTE)]}" stroke-width="2">'
-            f"<title>{_esc(name)}</title></polyline>"
-        )
-    out.append(_legend([name for name, _ in series], width, 34))
-    out.append("</svg>")
-    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
