@@ -41,7 +41,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "sft": ("chatuie.train.trainer", "SFTStageConfig"),
     "evaluate": ("chatuie.eval.evaluation", "EvaluateStageConfig"),
     "report": ("chatuie.eval.report", "ReportConfig"),
-    "judge": ("chatuie.reward.judge", "JudgeConfig"),
+    "judge": ("chatuie.reward.judge_types", "JudgeConfig"),
     "reward_data": ("chatuie.reward.pairs", "RewardDataConfig"),
     "rm": ("chatuie.reward.model", "RMStageConfig"),
     "rl": ("chatuie.rl.trainer", "RLConfig"),
