@@ -44,7 +44,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "judge": ("chatuie.reward.judge_types", "JudgeConfig"),
     "reward_data": ("chatuie.reward.pairs", "RewardDataConfig"),
     "rm": ("chatuie.reward.model", "RMStageConfig"),
-    "rl": ("chatuie.rl.trainer", "RLConfig"),
+    "rl": ("chatuie.rl.config", "RLConfig"),
     "register": ("chatuie.eval.promotion", "RegisterConfig"),
     "promote": ("chatuie.eval.gate", "PromotionPolicy"),
     "flow": ("flows.pipeline", "FlowConfig"),
