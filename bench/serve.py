@@ -34,7 +34,8 @@ from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
 from chatuie.data.schema import ExtractionSchema
 from chatuie.models.modeling import TinyModelConfig, build_tiny_model, load_saved, train_tokenizer
 from chatuie.serve.extractor import Extractor, ExtractSettings
-from chatuie.serve.server import BackgroundServer, ServerSettings, create_app
+from chatuie.serve.server import BackgroundServer, create_app
+from chatuie.serve.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [

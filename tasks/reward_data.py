@@ -25,7 +25,8 @@ from chatuie.data.records import Record, load_records
 from chatuie.data.samples import SamplesConfig
 from chatuie.data.splits import HeldoutSplit, is_heldout
 from chatuie.io import write_json, write_jsonl
-from chatuie.reward.judge import Judge, JudgeConfig
+from chatuie.reward.judge import Judge
+from chatuie.reward.judge_types import JudgeConfig
 from chatuie.reward.negatives import ConfusionTable
 from chatuie.reward.pairs import (
     Instruction,

@@ -22,14 +22,11 @@ from chatuie.data.samples import SamplesConfig
 from chatuie.io import write_json
 from chatuie.models.modeling import full_weights, load_saved, merge_lora, save_model
 from chatuie.reward.model import load_reward_model
-from chatuie.rl.trainer import (
-    RLConfig,
-    prompt_lengths,
-    rl_prompts,
-    summarize,
-    train_grpo,
-    train_ppo,
-)
+from chatuie.rl.config import RLConfig
+from chatuie.rl.grpo import train_grpo
+from chatuie.rl.ppo import train_ppo
+from chatuie.rl.prompts import prompt_lengths, rl_prompts
+from chatuie.rl.trainer import summarize
 from chatuie.train.trainer import TrainingProgress, claim_checkpoints, file_digest
 from tasks._stage import run, section, set_threads
 

@@ -20,7 +20,7 @@ from tasks import _stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # Errors that are not the user's to fix from a message: the HTTP server's own (a status code).
-NOT_USER_ERRORS = {"chatuie.serve.server.ApiError"}
+NOT_USER_ERRORS = {"chatuie.serve.request_parsing.ApiError"}
 
 
 def _error_classes() -> dict[str, type]:

@@ -17,18 +17,11 @@ import pytest
 
 from chatuie.data.answers import flatten_answer
 from chatuie.data.records import Entity, Record, Schema
-from chatuie.reward import judge as judge_mod
-from chatuie.reward.judge import (
-    Judge,
-    JudgeCache,
-    JudgeConfig,
-    JudgeItem,
-    build_prompt,
-    cache_key,
-    parse_judge_answer,
-    reference_score,
-    score_all,
-)
+from chatuie.reward import judge_cache
+from chatuie.reward.judge import Judge, reference_score, score_all
+from chatuie.reward.judge_cache import JudgeCache, cache_key
+from chatuie.reward.judge_prompt import build_prompt, parse_judge_answer
+from chatuie.reward.judge_types import JudgeConfig, JudgeItem
 from tests.helpers.judge_server import JudgeServer, expected_score, prompt_hash
 
 KEY_ENV = "CHATUIE_TEST_JUDGE_KEY"
@@ -285,7 +278,8 @@ def test_zero_budget_makes_no_call(server: JudgeServer, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 _CHILD = """
 import json, sys
-from chatuie.reward.judge import JudgeConfig, JudgeItem, score_all
+from chatuie.reward.judge import score_all
+from chatuie.reward.judge_types import JudgeConfig, JudgeItem
 cfg = JudgeConfig.from_dict(json.load(open(sys.argv[1])))
 items = [JudgeItem.from_dict(d) for d in json.load(open(sys.argv[2]))]
 score_all(items, cfg)
@@ -535,4 +529,4 @@ def test_judge_instance_reuses_loaded_cache(server: JudgeServer, tmp_path: Path)
         _, s1 = judge.score_all(make_items(2))
         _, s2 = judge.score_all(make_items(3))
     assert (s1.calls_made, s2.calls_made, s2.cache_hits) == (2, 1, 2)
-    assert judge_mod.CACHE_VERSION == 1
+    assert judge_cache.CACHE_VERSION == 1

@@ -22,7 +22,7 @@ from chatuie.data.records import Record
 from chatuie.data.splits import HeldoutSplit, heldout_record_ids, is_heldout
 from chatuie.io import read_json, read_jsonl, write_jsonl
 from chatuie.models.precision import resolve_dtype
-from chatuie.reward.judge import JudgeResult
+from chatuie.reward.judge_types import JudgeResult
 from chatuie.reward.model import (
     RewardTrainSettings,
     load_reward_base,

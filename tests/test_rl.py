@@ -20,18 +20,13 @@ from chatuie.data.answers import flatten_answer
 from chatuie.data.records import Schema
 from chatuie.models.modeling import LoraSettings, _wrap_lora, generate, load_saved, save_model
 from chatuie.reward.model import PairTokenizer, load_reward_base, load_reward_model, save_reward_model
+from chatuie.rl.config import GRPOSettings, PPOSettings, RLConfig
+from chatuie.rl.grpo import train_grpo
+from chatuie.rl.ppo import train_ppo
+from chatuie.rl.prompts import rl_prompts
 from chatuie.rl.rewards import F1Reward, RewardModelWithF1, f1_reward, validity, validity_reward
-from chatuie.rl.trainer import (
-    ConstrainedPPOGeneration,
-    GRPOSettings,
-    PPOSettings,
-    RLConfig,
-    RLResult,
-    rl_prompts,
-    summarize,
-    train_grpo,
-    train_ppo,
-)
+from chatuie.rl.rollouts import ConstrainedPPOGeneration
+from chatuie.rl.trainer import RLResult, summarize
 from tests.helpers.reward_project import CHAT, IE, build_project, fixture_records
 
 

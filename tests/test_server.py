@@ -17,9 +17,12 @@ import pytest
 from chatuie.data.prompts import ie_user_prompt
 from chatuie.data.records import Schema
 from chatuie.models.modeling import load_saved
-from chatuie.reward.judge import JudgeConfig, JudgeItem, score_all
+from chatuie.reward.judge import score_all
+from chatuie.reward.judge_types import JudgeConfig, JudgeItem
 from chatuie.serve.extractor import Extractor, ExtractSettings
-from chatuie.serve.server import BackgroundServer, ServerSettings, create_app, parse_ie_prompt
+from chatuie.serve.request_parsing import parse_ie_prompt
+from chatuie.serve.server import BackgroundServer, create_app
+from chatuie.serve.settings import ServerSettings
 from tests.helpers.tiny_extractor import EN_TEXT, SCHEMA_DICT, ZH_TEXT, tiny_model_dir
 
 KEY = "sk-local-test-7a6b5c"

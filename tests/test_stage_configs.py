@@ -39,7 +39,7 @@ def test_bad_constraint_modes_name_the_field(section: dict, where: str) -> None:
 )
 def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: float) -> None:
     # `dvc exp run -S rl.grpo.learning_rate=5e-5` writes 5e-05, which PyYAML reads as a string
-    from chatuie.rl.trainer import RLConfig
+    from chatuie.rl.config import RLConfig
 
     path = tmp_path / "params.yaml"
     path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")
@@ -52,7 +52,7 @@ def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: f
 
 @pytest.mark.parametrize("text", ["'fast'", "5e", "e-5", "1e-5x"])
 def test_non_numbers_for_a_float_still_name_the_field(tmp_path, text: str) -> None:
-    from chatuie.rl.trainer import RLConfig
+    from chatuie.rl.config import RLConfig
 
     path = tmp_path / "params.yaml"
     path.write_text(f"rl:\n  grpo:\n    learning_rate: {text}\n")

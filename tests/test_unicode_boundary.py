@@ -25,7 +25,8 @@ from chatuie.errors import ExtractError
 from chatuie.models.modeling import load_saved
 from chatuie.serve.extractor import Extractor, ExtractSettings
 from chatuie.serve.file_jobs import read_inputs
-from chatuie.serve.server import BackgroundServer, ServerSettings, create_app
+from chatuie.serve.server import BackgroundServer, create_app
+from chatuie.serve.settings import ServerSettings
 from tests.helpers.tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir
 
 NAME = "tiny-chatuie"

@@ -165,8 +165,8 @@ def serve(
     import logging
 
     from chatuie.serve.extractor import Extractor
-    from chatuie.serve.server import ServerSettings
     from chatuie.serve.server import serve as run_server
+    from chatuie.serve.settings import ServerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -9,15 +9,9 @@ either:
   client. The client's own retries are off; :class:`Judge` retries 429 / 5xx / timeouts /
   connection errors itself with seeded exponential backoff, and never retries other 4xx.
 
-The cache is a JSONL file, one line per successfully parsed answer::
-
-    {"v": 1, "key": "<sha256>", "provider": "openai", "model": "...", "score": 7.0,
-     "reason": "..."}
-
-``key`` is ``sha256(compact JSON of [base_url, model, prompt])`` for ``openai`` and
-``sha256(compact JSON of ["reference", REFERENCE_VERSION, prompt, gold])`` for ``reference``.
-Lines are appended with one ``write`` + ``fsync`` under a lock; a torn or corrupt line (a
-``kill -9`` mid-write) is skipped and counted on load, never fatal.
+The config and the item / result / stats types are :mod:`chatuie.reward.judge_types`, the prompt
+and the parsing of answers :mod:`chatuie.reward.judge_prompt`, the cache (a JSONL file that
+survives a kill at any instant) :mod:`chatuie.reward.judge_cache`.
 
 The API key is read from the environment variable *named* by ``JudgeConfig.api_key_env``; it is
 never stored on the config, and every message this module emits is redacted against it.
@@ -25,247 +19,27 @@ never stored on the config, and every message this module emits is redacted agai
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import random
-import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-from chatuie.data.answers import flatten_answer, render
-from chatuie.data.records import Record, Schema
+from chatuie.data.answers import flatten_answer
 from chatuie.eval.metrics import f1_score
-from chatuie.io import dumps_compact
+from chatuie.reward.judge_cache import CACHE_VERSION, JudgeCache, cache_key
+from chatuie.reward.judge_prompt import JUDGE_SYSTEM, build_prompt, parse_judge_answer
+from chatuie.reward.judge_types import MAX_SCORE, JudgeConfig, JudgeItem, JudgeResult, JudgeStats, Status
 
 log = logging.getLogger(__name__)
 
-Provider = Literal["reference", "openai"]
-Status = Literal["scored", "cached", "failed", "unparseable", "skipped_budget"]
-
-CACHE_VERSION = 1
-REFERENCE_VERSION = 1  # bump when the reference scoring changes, so old cache lines stop matching
 PLACEHOLDER_API_KEY = "EMPTY"  # local OpenAI-compatible servers (vLLM, llama.cpp) ignore the key
-MAX_SCORE = 10.0
-
-
-# ---------------------------------------------------------------------------------------------
-# config and data types
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JudgeConfig:
-    provider: Provider = "reference"
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "judge"
-    api_key_env: str = "CHATUIE_JUDGE_API_KEY"  # the NAME of the variable, never the key
-    temperature: float = 0.0
-    max_tokens: int = 256
-    max_concurrency: int = 4
-    max_retries: int = 4  # extra attempts after the first, per item
-    timeout_s: float = 60.0
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 8.0  # also caps an honoured Retry-After
-    max_requests: int | None = None  # judge calls per run; None = unlimited
-    cache_path: str | None = None
-    seed: int = 0  # seeds the backoff jitter
-
-    def __post_init__(self) -> None:
-        if self.provider not in ("reference", "openai"):
-            raise ValueError(f"judge provider must be 'reference' or 'openai', not {self.provider!r}")
-        if self.max_concurrency < 1:
-            raise ValueError("judge max_concurrency must be >= 1")
-        if self.max_retries < 0:
-            raise ValueError("judge max_retries must be >= 0")
-        if self.timeout_s <= 0:
-            raise ValueError("judge timeout_s must be > 0")
-        if self.backoff_base_s < 0 or self.backoff_max_s < 0:
-            raise ValueError("judge backoff seconds must be >= 0")
-        if self.max_requests is not None and self.max_requests < 0:
-            raise ValueError("judge max_requests must be >= 0 (or null for no budget)")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "judge") -> JudgeConfig:
-        """Build from a params mapping; unknown keys are an error (a typo must not go unseen), and
-        types and number ranges are checked as for every section (chatuie.config.build), ``where``
-        (``params.yaml: judge``) naming the key."""
-        from chatuie.config import build
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown judge config keys: {unknown}")
-        return build(cls, dict(data), where)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class JudgeItem:
-    """One candidate extraction to score. ``gold`` is needed by the reference provider only."""
-
-    id: str
-    task: str  # ner | re | ee
-    text: str
-    candidate: str  # the model's answer, a JSON string in the output format
-    schema: dict[str, Any] = field(default_factory=dict)
-    instruction: str = ""
-    gold: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JudgeItem:
-        schema = data.get("schema") or {}
-        if isinstance(schema, Schema):
-            schema = schema.to_dict()
-        return cls(
-            id=str(data["id"]),
-            task=str(data["task"]),
-            text=str(data["text"]),
-            candidate=str(data["candidate"]),
-            schema=dict(schema),
-            instruction=str(data.get("instruction") or ""),
-            gold=data.get("gold"),
-        )
-
-    @classmethod
-    def from_record(cls, record: Record, candidate: str, instruction: str = "") -> JudgeItem:
-        """An item for ``record``'s IE task, with the gold answer rendered in the output format."""
-        return cls(
-            id=record.id,
-            task=record.task,
-            text=record.text,
-            candidate=candidate,
-            schema=record.schema.to_dict(),
-            instruction=instruction,
-            gold=render(record, record.schema),
-        )
-
-
-@dataclass(frozen=True)
-class JudgeResult:
-    id: str
-    score: float | None  # None unless status is "scored" or "cached"
-    reason: str | None
-    cached: bool  # True when no judge call was made for this item in this run
-    status: Status
-    error: str | None = None  # redacted, for "failed" / "unparseable"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class JudgeStats:
-    provider: str = "reference"
-    items: int = 0
-    scored: int = 0  # items that have a score (fresh or cached)
-    calls_made: int = 0  # judge calls: HTTP requests (openai) or offline computations (reference)
-    cache_hits: int = 0
-    retries: int = 0  # calls that were re-attempts
-    failures: int = 0  # items given up on (retries exhausted or a non-retryable error)
-    unparseable: int = 0  # answers with no usable score (not cached, so retried next run)
-    skipped_budget: int = 0  # items not scored because max_requests ran out
-    cache_corrupt_lines: int = 0  # lines skipped when loading the cache
-    mean_score: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# prompt and answer parsing
-# ---------------------------------------------------------------------------------------------
-JUDGE_SYSTEM = "You are a strict grader of information-extraction answers. You reply with JSON only."
-
-JUDGE_TEMPLATE = """\
-Grade a candidate answer to an information-extraction request.
-
-Task type: {task}
-Instruction: {instruction}
-Label schema (JSON): {schema}
-
-Text:
-{text}
-
-Candidate extraction (JSON):
-{candidate}
-
-Judge whether every extracted span appears in the text, carries the right label, and whether
-anything the schema asks for is missing. Score from 0 (useless or invented) to 10 (complete
-and correct, nothing invented).
-Reply with only a JSON object: {{"score": <integer 0-10>, "reason": "<one short sentence>"}}"""
-
-
-def build_prompt(item: JudgeItem) -> str:
-    """The user message sent to the judge (deterministic: it is part of the cache key)."""
-    return JUDGE_TEMPLATE.format(
-        task=item.task,
-        instruction=item.instruction or "(none)",
-        schema=dumps_compact(item.schema),
-        text=item.text,
-        candidate=item.candidate,
-    )
-
-
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-
-
-def parse_judge_answer(content: str | None) -> tuple[float, str] | None:
-    """``(score, reason)`` from a judge reply, or None when there is no valid score.
-
-    Accepts bare JSON, JSON in a ```json fence, or a JSON object inside surrounding prose.
-    The score must be a number (or numeric string) in [0, 10].
-    """
-    if not content:
-        return None
-    candidates: list[str] = [content.strip()]
-    candidates += [m.group(1).strip() for m in _FENCE.finditer(content)]
-    for text in candidates:
-        for obj in _json_objects(text):
-            parsed = _score_of(obj)
-            if parsed is not None:
-                return parsed
-    return None
-
-
-def _json_objects(text: str) -> Iterable[Any]:
-    """Every JSON value that starts at a '{' in ``text``, left to right."""
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            obj, _ = decoder.raw_decode(text, start)
-            yield obj
-        except ValueError:
-            pass
-        start = text.find("{", start + 1)
-
-
-def _score_of(obj: Any) -> tuple[float, str] | None:
-    if not isinstance(obj, dict) or "score" not in obj:
-        return None
-    raw = obj["score"]
-    if isinstance(raw, bool):  # bool is an int subclass; "true" is not a score
-        return None
-    if isinstance(raw, str):
-        try:
-            raw = float(raw.strip())
-        except ValueError:
-            return None
-    if not isinstance(raw, int | float) or not math.isfinite(raw):
-        return None
-    if not 0 <= raw <= MAX_SCORE:
-        return None
-    reason = obj.get("reason")
-    return float(raw), reason if isinstance(reason, str) else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,94 +60,6 @@ def reference_score(item: JudgeItem) -> tuple[float, str]:
     tp = len(predicted & gold)
     reason = f"F1={f1:.4f} ({tp} correct of {len(predicted)} predicted, {len(gold)} gold)"
     return round(MAX_SCORE * f1, 4), reason
-
-
-# ---------------------------------------------------------------------------------------------
-# cache
-# ---------------------------------------------------------------------------------------------
-def _sha256(parts: Sequence[Any]) -> str:
-    return hashlib.sha256(dumps_compact(list(parts)).encode("utf-8")).hexdigest()
-
-
-def cache_key(config: JudgeConfig, prompt: str, gold: str | None = None) -> str:
-    """The cache key of a prompt under ``config`` (see the module docstring)."""
-    if config.provider == "reference":
-        return _sha256(["reference", REFERENCE_VERSION, prompt, gold])
-    return _sha256([config.base_url.rstrip("/"), config.model, prompt])
-
-
-class JudgeCache:
-    """Append-only JSONL cache of parsed scores, safe against a kill at any instant."""
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path else None
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.corrupt_lines = 0
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._needs_newline = False
-        if self.path is not None:
-            self._load()
-
-    def _load(self) -> None:
-        assert self.path is not None
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as handle:
-            data = handle.read()
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                key = entry["key"]
-                score = entry["score"]
-                ok = (
-                    isinstance(key, str)
-                    and isinstance(score, int | float)
-                    and not isinstance(score, bool)
-                    and 0 <= score <= MAX_SCORE
-                )
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                self.corrupt_lines += 1  # torn tail from a kill mid-write, or a damaged line
-                continue
-            self.entries[key] = entry
-        if self.corrupt_lines:
-            log.warning("judge cache %s: skipped %d corrupt line(s)", self.path, self.corrupt_lines)
-        # A torn last line has no newline: start the next append on a fresh line so the new
-        # entry is not glued onto the fragment.
-        self._needs_newline = bool(data) and not data.endswith(b"\n")
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
-            return self.entries.get(key)
-
-    def put(self, entry: dict[str, Any]) -> None:
-        """Record ``entry`` in memory and, if there is a file, append it durably."""
-        line = (dumps_compact(entry) + "\n").encode("utf-8")
-        with self._lock:
-            self.entries[entry["key"]] = entry
-            if self.path is None:
-                return
-            if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                if self._needs_newline:
-                    line = b"\n" + line
-                    self._needs_newline = False
-            # One write() per line (O_APPEND keeps it at the end); loop only on a short write.
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
 
 
 # ---------------------------------------------------------------------------------------------

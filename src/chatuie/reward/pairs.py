@@ -23,7 +23,7 @@ from chatuie.data.prompts import ChatOptions, ie_user_prompt, instruction_schema
 from chatuie.data.records import IE_TASKS, Record, Schema
 from chatuie.data.splits import stable_unit
 from chatuie.progress import Progress
-from chatuie.reward.judge import JudgeItem, JudgeResult
+from chatuie.reward.judge_types import JudgeItem, JudgeResult
 from chatuie.reward.negatives import ConfusionTable, NegativeSettings, make_negatives
 
 log = logging.getLogger(__name__)

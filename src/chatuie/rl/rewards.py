@@ -18,7 +18,8 @@ import torch
 from chatuie.data.answers import flatten_answer, ground
 from chatuie.data.records import Schema
 from chatuie.eval.metrics import f1_score
-from chatuie.reward.judge import JudgeItem, reference_score
+from chatuie.reward.judge import reference_score
+from chatuie.reward.judge_types import JudgeItem
 from chatuie.reward.model import PairTokenizer, score_sequences
 
 F1_REWARDS = ("items", "parts")

@@ -12,11 +12,9 @@ status, so the ``openai`` client raises its usual exceptions):
   entities / relations / events with character offsets (:mod:`chatuie.serve.extractor`).
 * ``GET /health`` liveness (no key needed).
 
-One thread owns the model (``generate`` is not re-entrant, and the tokenizer is mutated while
-decoding). Concurrent ``/v1/extract`` requests are collected for up to ``batch_window_ms`` (up to
-``max_batch_size`` requests) and decoded together in one ``constrained_generate`` call; the
-window is only waited while other extraction requests are in flight, so a lone client pays no
-extra latency, and requests that arrive while a batch decodes form the next batch.
+One thread owns the model, and concurrent ``/v1/extract`` requests are decoded together
+(:mod:`chatuie.serve.worker`). Requests are read and checked by :mod:`chatuie.serve.request_parsing`;
+the settings are :class:`chatuie.serve.settings.ServerSettings`.
 
 With an API key (``--api-key`` or ``CHATUIE_API_KEY``) every ``/v1`` call needs
 ``Authorization: Bearer <key>``; the server binds 127.0.0.1 unless told otherwise.
@@ -27,16 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import queue
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 # Module level, not inside create_app: FastAPI resolves the (string) annotations of the
@@ -45,44 +40,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatuie.data.prompts import DEFAULT_OPTIONS, SYSTEM_PROMPT, TEXT_LINE, ChatOptions, ie_user_prompt
-from chatuie.data.records import Schema
-from chatuie.data.schema import ExtractionSchema, SchemaError
-from chatuie.data.text import text_problem
-from chatuie.errors import ExtractError, printable
+from chatuie.errors import ExtractError
 from chatuie.serve.extractor import Extractor
+from chatuie.serve.request_parsing import ApiError, _parse_chat, _parse_extract, _read_json, parse_ie_prompt
+from chatuie.serve.settings import ServerSettings
+from chatuie.serve.worker import ModelWorker
 
 log = logging.getLogger(__name__)
-
-API_KEY_ENV = "CHATUIE_API_KEY"
-_TASKS = {"named entity recognition": "ner", "relation extraction": "re", "event extraction": "ee"}
-_ROLES = {"system", "user", "assistant", "developer"}
-_EXTRACT_KEYS = {"text", "schema"}
-
-
-@dataclass
-class ServerSettings:
-    model_name: str = "chatuie"
-    api_key: str | None = None
-    batching: bool = True
-    batch_window_ms: float = 15.0  # how long the first request of a batch waits for company
-    max_batch_size: int = 8  # /v1/extract requests decoded together
-    max_batch_rows: int = 64  # prompt rows (requests x windows x instructions) per generate batch
-    max_request_bytes: int = 1 << 20
-    max_text_chars: int = 20_000
-    max_chat_tokens: int = 512  # cap on max_tokens of a chat completion
-
-
-class ApiError(Exception):
-    """An answer with a 4xx/5xx status; ``param`` names the request field at fault (as OpenAI)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        message = printable(message)  # quoted input may hold an unpaired surrogate: never sendable
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
 
 
 def _error_body(
@@ -94,278 +58,8 @@ def _error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _check_text(value: str, where: str) -> str:
-    """400 naming ``where`` for text no tokenizer can encode (an unpaired surrogate)."""
-    problem = text_problem(value)
-    if problem is not None:
-        raise ApiError(400, f"{where}: {problem}", "invalid_text", where)
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# the model thread
-
-
-@dataclass
-class _ExtractJob:
-    text: str
-    schema: ExtractionSchema
-    future: Future = field(default_factory=Future)
-
-
-@dataclass
-class _CallJob:
-    fn: Callable[[], Any]
-    future: Future = field(default_factory=Future)
-
-
-_STOP = object()
-
-
-class ModelWorker:
-    """The one thread that touches the model; batches extraction requests."""
-
-    def __init__(self, extractor: Extractor, settings: ServerSettings) -> None:
-        self.extractor = extractor
-        self.settings = settings
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.stats: dict[str, Any] = {
-            "batches": 0,
-            "extract_requests": 0,
-            "largest_batch": 0,
-            "calls": 0,
-            "extract_cpu_s": 0.0,
-            "extract_busy_s": 0.0,
-        }
-        # /v1/extract requests between arrival and answer; only the event loop changes it, the
-        # model thread reads it (a plain int: atomic under the GIL).
-        self.in_flight = 0
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="chatuie-model", daemon=True)
-                self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(_STOP)
-            thread.join(timeout)
-
-    def submit_extract(self, text: str, schema: ExtractionSchema) -> Future:
-        self.start()
-        job = _ExtractJob(text, schema)
-        self._queue.put(job)
-        return job.future
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        self.start()
-        job = _CallJob(fn)
-        self._queue.put(job)
-        return job.future
-
-    # -- loop ---------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        later: list[Any] = []  # jobs that arrived while a batch was being gathered
-        while True:
-            job = later.pop(0) if later else self._queue.get()
-            if job is _STOP:
-                return
-            if isinstance(job, _CallJob):
-                self._run_call(job)
-                continue
-            batch = [job]
-            if self.settings.batching:
-                deadline = time.monotonic() + self.settings.batch_window_ms / 1000
-                while len(batch) < self.settings.max_batch_size:
-                    left = deadline - time.monotonic()
-                    # Wait only while more extraction requests are in flight (arrived, body being
-                    # read or queued) than collected: a lone client pays no window.
-                    waiting = left > 0 and self.in_flight > len(batch)
-                    try:
-                        nxt = (
-                            self._queue.get(timeout=min(left, 0.002)) if waiting else self._queue.get_nowait()
-                        )
-                    except queue.Empty:
-                        if waiting:
-                            continue
-                        break
-                    if isinstance(nxt, _ExtractJob):
-                        batch.append(nxt)
-                    else:
-                        later.append(nxt)
-            self._run_batch(batch)
-
-    def _run_call(self, job: _CallJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
-        self.stats["calls"] += 1
-        try:
-            job.future.set_result(job.fn())
-        except BaseException as err:  # noqa: BLE001 - handed to the waiting request, never fatal
-            job.future.set_exception(err)
-
-    def _run_batch(self, batch: list[_ExtractJob]) -> None:
-        ready = []
-        for job in batch:
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            try:  # per request: a schema too large for the context fails that request alone
-                self.extractor.window_tokens(job.schema)
-            except Exception as err:  # noqa: BLE001
-                job.future.set_exception(err)
-                continue
-            ready.append(job)
-        if not ready:
-            return
-        self.stats["batches"] += 1
-        self.stats["extract_requests"] += len(ready)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(ready))
-        cpu, wall = time.thread_time(), time.perf_counter()
-        try:
-            results = self.extractor.extract_many(
-                [(job.text, job.schema) for job in ready], batch_size=self.settings.max_batch_rows
-            )
-        except Exception as err:  # noqa: BLE001
-            if len(ready) == 1:
-                ready[0].future.set_exception(err)
-                return
-            log.warning("batch of %d failed (%s): retrying one by one", len(ready), err)
-            for job in ready:
-                try:
-                    job.future.set_result(
-                        self.extractor.extract_many(
-                            [(job.text, job.schema)], batch_size=self.settings.max_batch_rows
-                        )[0]
-                    )
-                except Exception as one_err:  # noqa: BLE001
-                    job.future.set_exception(one_err)
-            return
-        # What the model thread spent (its CPU time covers torch's work with one intra-op thread).
-        self.stats["extract_cpu_s"] += time.thread_time() - cpu
-        self.stats["extract_busy_s"] += time.perf_counter() - wall
-        for job, result in zip(ready, results, strict=True):
-            job.future.set_result(result)
-
-
 # ----------------------------------------------------------------------------------------------
 # chat completions
-
-
-def parse_ie_prompt(content: str, chat: ChatOptions = DEFAULT_OPTIONS) -> tuple[str, str, Schema] | None:
-    """``(task, text, schema)`` if ``content`` is exactly an IE instruction of this project."""
-    lines = content.split("\n")
-    if not lines or not lines[0].startswith("Task: ") or not lines[0].endswith("."):
-        return None
-    task = _TASKS.get(lines[0][len("Task: ") : -1])
-    if task is None:
-        return None
-    text_at = next((i for i, line in enumerate(lines) if line.startswith(TEXT_LINE)), None)
-    if text_at is None:
-        return None
-    text = "\n".join(lines[text_at:])[len(TEXT_LINE) :]
-    headers = {}
-    for line in lines[1:text_at]:
-        name, sep, value = line.partition(": ")
-        if sep:
-            headers[name] = value
-    try:
-        if task == "ee":
-            # Without the role lists in the prompt the roles are unknown: answer freely.
-            schema = Schema(events=json.loads(headers["Event types and roles"]))
-        else:
-            relations = json.loads(headers["Relation types"]) if task == "re" else []
-            schema = Schema(entities=json.loads(headers["Entity types"]), relations=relations)
-        if ie_user_prompt(task, text, schema, chat) != content:  # re-render: exactly our format or nothing
-            return None
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None
-    return task, text, schema
-
-
-def _message_text(message: Any, index: int) -> dict[str, str]:
-    if not isinstance(message, dict):
-        raise ApiError(400, f"messages[{index}]: expected an object with role and content")
-    role = message.get("role")
-    if role not in _ROLES:
-        raise ApiError(400, f"messages[{index}].role: {role!r} is not one of {sorted(_ROLES)}")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: only text is understood
-        texts = []
-        for j, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise ApiError(400, f"messages[{index}].content[{j}]: only text parts are supported")
-            texts.append(_check_text(part["text"], f"messages[{index}].content[{j}].text"))
-        content = "".join(texts)
-    if not isinstance(content, str):
-        raise ApiError(400, f"messages[{index}].content: expected a string")
-    _check_text(content, f"messages[{index}].content")
-    return {"role": "system" if role == "developer" else role, "content": content}
-
-
-def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float, *, integer: bool) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (integer and not isinstance(value, int))
-    ):
-        raise ApiError(400, f"{key}: expected {'an integer' if integer else 'a number'}")
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{key}: must be between {lo} and {hi}")
-    return value
-
-
-def _parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body: expected a JSON object")
-    if body.get("stream"):
-        raise ApiError(400, "stream: streaming is not supported by this server", "unsupported")
-    model = body.get("model")
-    if model is None:
-        raise ApiError(
-            400, f"model: missing (this server serves {settings.model_name!r})", "missing_model", "model"
-        )
-    if not isinstance(model, str):
-        raise ApiError(400, f"model: expected a string, got {type(model).__name__}", param="model")
-    if model != settings.model_name:
-        raise ApiError(
-            404,
-            f"model {model!r} not found (this server serves {settings.model_name!r})",
-            "model_not_found",
-            "model",
-        )
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "messages: expected a non-empty list")
-    messages = [_message_text(m, i) for i, m in enumerate(raw)]
-    if messages[0]["role"] != "system" and chat.system_prompt:  # taught under its own system prompt
-        messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-    if messages[-1]["role"] == "assistant":
-        raise ApiError(400, "messages: the last message must not be the assistant's")
-    n = _number(body, "n", 1, 1, 1, integer=True)
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number(
-        {"max_tokens": limit}, "max_tokens", settings.max_chat_tokens, 1, 1 << 20, integer=True
-    )
-    return {
-        "messages": messages,
-        "n": n,
-        "max_tokens": min(max_tokens, settings.max_chat_tokens),
-        "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0, integer=False)),
-        "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0, integer=False)),
-    }
 
 
 def _generate_chat(extractor: Extractor, request: dict[str, Any]) -> dict[str, Any]:
@@ -433,62 +127,6 @@ def _generate_chat(extractor: Extractor, request: dict[str, Any]) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------------
 # the app
-
-
-async def _read_json(request: Any, limit: int) -> Any:
-    """The request body as JSON, refusing bodies over ``limit`` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ApiError(400, "invalid Content-Length header") from None
-        if size > limit:
-            raise ApiError(
-                413, f"request body of {size} bytes exceeds the limit of {limit} bytes", "request_too_large"
-            )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-    if not body:
-        raise ApiError(400, "request body is empty: expected JSON")
-    try:
-        return json.loads(bytes(body).decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ApiError(400, "request body is not UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise ApiError(400, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except RecursionError:
-        raise ApiError(400, "malformed JSON: nested too deeply") from None
-
-
-def _parse_extract(body: Any, settings: ServerSettings) -> tuple[str, ExtractionSchema]:
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body: expected a JSON object with 'text' and 'schema'")
-    unknown = sorted(set(body) - _EXTRACT_KEYS)
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r} (known: schema, text)")
-    text = body.get("text")
-    if not isinstance(text, str):
-        raise ApiError(400, "text: expected a string" if "text" in body else "text: missing")
-    _check_text(text, "text")
-    if not text.strip():
-        raise ApiError(400, "text: empty")
-    if len(text) > settings.max_text_chars:
-        raise ApiError(
-            413,
-            f"text: {len(text)} characters exceed the limit of {settings.max_text_chars}",
-            "text_too_long",
-        )
-    if "schema" not in body:
-        raise ApiError(400, "schema: missing")
-    try:
-        schema = ExtractionSchema.from_dict(body["schema"], "schema")
-    except SchemaError as err:
-        raise ApiError(400, str(err), "invalid_schema") from None
-    return text, schema
 
 
 async def _await(future: Future) -> Any:
