@@ -24,11 +24,11 @@ from chatuie.rl.rewards import F1Reward, RewardModelReward, validity_reward
 from chatuie.rl.rollouts import ConstrainedRollout
 from chatuie.rl.trainer import (
     RLResult,
-    _checkpoints,
-    _experimental_ok,
-    _pick,
-    _restore_generation,
-    _trainer_args,
+    checkpoint_plan,
+    experimental_ok,
+    pick,
+    restore_generation,
+    trainer_args,
 )
 from chatuie.train.trainer import finished_state, freeze_input_embeddings
 
@@ -39,7 +39,7 @@ def grpo_config(config: RLConfig, output_dir: str | Path, **overrides: Any):
     s = config.grpo
     weights = s.reward_weights
     kwargs = {
-        **_trainer_args(config, output_dir),
+        **trainer_args(config, output_dir),
         "max_steps": s.max_steps,
         "per_device_train_batch_size": s.per_device_batch_size,
         "gradient_accumulation_steps": 1,
@@ -94,12 +94,12 @@ def train_grpo(
     dataset = Dataset.from_list([{k: p[k] for k in columns} for p in prompts])
     rollout = None
     if s.constrained_rollouts:
-        _experimental_ok()
+        experimental_ok()
         rollout = ConstrainedRollout(prompts, s.max_completion_length, s.temperature)
     if config.freeze_embeddings:
         freeze_input_embeddings(policy)
     tokenizer.padding_side = "left"
-    saving, checkpoint = _checkpoints(config, output_dir, resume)
+    saving, checkpoint = checkpoint_plan(config, output_dir, resume)
     if saving:
         saves = {"save_strategy": "steps", "save_steps": config.save_steps, "save_total_limit": 1}
         config_overrides = {**saves, **config_overrides}
@@ -133,13 +133,13 @@ def train_grpo(
         rows.append(
             {
                 "step": int(entry["step"]),
-                "reward": _pick(entry, "reward"),
-                "kl": _pick(entry, "kl"),
-                "reward_model": _pick(entry, "rewards/reward_model/mean"),
-                "f1": _pick(entry, "rewards/f1_reward/mean"),
-                "validity": _pick(entry, "rewards/validity_reward/mean"),
-                "completion_length": _pick(entry, "completions/mean_length"),
-                "loss": _pick(entry, "loss"),
+                "reward": pick(entry, "reward"),
+                "kl": pick(entry, "kl"),
+                "reward_model": pick(entry, "rewards/reward_model/mean"),
+                "f1": pick(entry, "rewards/f1_reward/mean"),
+                "validity": pick(entry, "rewards/validity_reward/mean"),
+                "completion_length": pick(entry, "completions/mean_length"),
+                "loss": pick(entry, "loss"),
             }
         )
     model = trainer.model
@@ -148,6 +148,6 @@ def train_grpo(
         # not part of the policy, and save_pretrained would write it beside the adapter.
         model.delete_adapter("ref")
     model.eval()
-    _restore_generation(model, tokenizer)
+    restore_generation(model, tokenizer)
     seconds = round(time.monotonic() - started, 1)
     return RLResult(model, rows, global_step, seconds, str(checkpoint) if checkpoint else None)

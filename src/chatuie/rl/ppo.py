@@ -28,11 +28,11 @@ from chatuie.rl.rewards import F1Reward, RewardModelWithF1
 from chatuie.rl.rollouts import ConstrainedPPOGeneration
 from chatuie.rl.trainer import (
     RLResult,
-    _checkpoints,
-    _experimental_ok,
-    _pick,
-    _restore_generation,
-    _trainer_args,
+    checkpoint_plan,
+    experimental_ok,
+    pick,
+    restore_generation,
+    trainer_args,
 )
 from chatuie.train.trainer import freeze_input_embeddings
 
@@ -51,12 +51,12 @@ class _F1Log(TrainerCallback):
 
 
 def ppo_config(config: RLConfig, output_dir: str | Path, **overrides: Any):
-    _experimental_ok()
+    experimental_ok()
     from trl.experimental.ppo import PPOConfig
 
     s = config.ppo
     kwargs = {
-        **_trainer_args(config, output_dir),
+        **trainer_args(config, output_dir),
         "per_device_train_batch_size": s.per_device_batch_size,
         "gradient_accumulation_steps": s.gradient_accumulation,
         "num_mini_batches": s.num_mini_batches,
@@ -104,7 +104,7 @@ def train_ppo(
     uninterrupted run would have (:mod:`chatuie.rl.checkpoints`); ``resume=False`` starts afresh.
     The policy, reference and value model passed in must be as the run started (SFT / reward model).
     """
-    _experimental_ok()
+    experimental_ok()
     from datasets import Dataset
     from trl.experimental.ppo import PPOTrainer
 
@@ -128,7 +128,7 @@ def train_ppo(
         by_part = config.ppo.f1_reward == "parts"
         scored = RewardModelWithF1(reward_model, tokenizer, prompts, config.ppo.f1_weight, F1Reward(by_part))
         ours.append(_F1Log(scored))
-    saving, checkpoint = _checkpoints(config, output_dir, resume)
+    saving, checkpoint = checkpoint_plan(config, output_dir, resume)
     checkpoints = PPOCheckpoints(output_dir, config.save_steps, checkpoint) if saving else None
     if checkpoints is not None:
         ours.append(checkpoints)  # after _F1Log (the update's log entry is complete when saved)
@@ -162,20 +162,20 @@ def train_ppo(
             {
                 "step": len(rows) + 1,
                 "episode": int(entry.get("episode", 0)),
-                "reward": _pick(entry, "objective/scores"),
-                "kl": _pick(entry, "objective/kl"),
-                "rlhf_reward": _pick(entry, "objective/rlhf_reward"),
-                "entropy": _pick(entry, "policy/entropy_avg"),
-                "policy_loss": _pick(entry, "loss/policy_avg"),
-                "value_loss": _pick(entry, "loss/value_avg"),
-                "eos_tokens": _pick(entry, "val/num_eos_tokens"),
+                "reward": pick(entry, "objective/scores"),
+                "kl": pick(entry, "objective/kl"),
+                "rlhf_reward": pick(entry, "objective/rlhf_reward"),
+                "entropy": pick(entry, "policy/entropy_avg"),
+                "policy_loss": pick(entry, "loss/policy_avg"),
+                "value_loss": pick(entry, "loss/value_avg"),
+                "eos_tokens": pick(entry, "val/num_eos_tokens"),
             }
         )
         if isinstance(scored, RewardModelWithF1):  # the verifiable term's share of the update
-            f1 = _pick(entry, "objective/f1")
+            f1 = pick(entry, "objective/f1")
             rows[-1]["f1"] = round(f1, 4) if f1 is not None else None
     policy.eval()
-    _restore_generation(policy, tokenizer)
+    restore_generation(policy, tokenizer)
     seconds = round(time.monotonic() - started, 1)
     resumed_from = str(checkpoint) if checkpoint else None
     return RLResult(policy, rows, trainer.state.global_step, seconds, resumed_from)

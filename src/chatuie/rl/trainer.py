@@ -38,7 +38,7 @@ class RLResult(NamedTuple):
 # -------------------------------------------------------------------------------------------- common
 
 
-def _trainer_args(config: RLConfig, output_dir: str | Path) -> dict[str, Any]:
+def trainer_args(config: RLConfig, output_dir: str | Path) -> dict[str, Any]:
     """TrainingArguments shared by both trainers: CPU-safe, no Trainer checkpoints, no trackers."""
     return {
         "output_dir": str(output_dir),
@@ -48,26 +48,28 @@ def _trainer_args(config: RLConfig, output_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def _checkpoints(config: RLConfig, output_dir: str | Path | None, resume: bool) -> tuple[bool, Path | None]:
+def checkpoint_plan(
+    config: RLConfig, output_dir: str | Path | None, resume: bool
+) -> tuple[bool, Path | None]:
     """Whether this run checkpoints (into ``output_dir``), and the checkpoint it resumes from."""
     if output_dir is None or config.save_steps == 0:
         return False, None
     return True, resume_point(output_dir, resume)
 
 
-def _pick(entry: dict[str, Any], *names: str) -> float | None:
+def pick(entry: dict[str, Any], *names: str) -> float | None:
     for name in names:
         if name in entry:
             return float(entry[name])
     return None
 
 
-def _experimental_ok() -> None:
+def experimental_ok() -> None:
     """TRL 1.12 keeps PPO (and rollout_func) under trl.experimental; we pin the version, so say it once."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
-def _restore_generation(model, tokenizer) -> None:
+def restore_generation(model, tokenizer) -> None:
     """PPOTrainer sets ``generation_config.eos_token_id`` to the stop token alone: stop on all again."""
     from chatuie.models.modeling import stop_token_ids
 

@@ -114,7 +114,7 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return value
 
 
-def _parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "request body: expected a JSON object")
     if body.get("stream"):
@@ -159,7 +159,7 @@ def _parse_chat(body: Any, settings: ServerSettings, chat: ChatOptions = DEFAULT
 # /v1/extract
 
 
-async def _read_json(request: Any, limit: int) -> Any:
+async def read_json(request: Any, limit: int) -> Any:
     """The request body as JSON, refusing bodies over ``limit`` bytes before reading them all."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -188,7 +188,7 @@ async def _read_json(request: Any, limit: int) -> Any:
         raise ApiError(400, "malformed JSON: nested too deeply") from None
 
 
-def _parse_extract(body: Any, settings: ServerSettings) -> tuple[str, ExtractionSchema]:
+def parse_extract(body: Any, settings: ServerSettings) -> tuple[str, ExtractionSchema]:
     if not isinstance(body, dict):
         raise ApiError(400, "request body: expected a JSON object with 'text' and 'schema'")
     unknown = sorted(set(body) - _EXTRACT_KEYS)

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatuie.errors import ExtractError
 from chatuie.serve.extractor import Extractor
-from chatuie.serve.request_parsing import ApiError, _parse_chat, _parse_extract, _read_json, parse_ie_prompt
+from chatuie.serve.request_parsing import ApiError, parse_chat, parse_extract, parse_ie_prompt, read_json
 from chatuie.serve.settings import ServerSettings
 from chatuie.serve.worker import ModelWorker
 
@@ -201,7 +201,7 @@ def create_app(extractor: Extractor, settings: ServerSettings | None = None) -> 
     async def chat_completions(request: Request) -> dict[str, Any]:
         check_key(request)
         app.state.counts["chat_completions"] += 1
-        parsed = _parse_chat(await _read_json(request, settings.max_request_bytes), settings, extractor.chat)
+        parsed = parse_chat(await read_json(request, settings.max_request_bytes), settings, extractor.chat)
         result = await _await(worker.submit(lambda: _generate_chat(extractor, parsed)))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -225,7 +225,7 @@ def create_app(extractor: Extractor, settings: ServerSettings | None = None) -> 
         app.state.counts["extract"] += 1
         worker.in_flight += 1
         try:
-            text, schema = _parse_extract(await _read_json(request, settings.max_request_bytes), settings)
+            text, schema = parse_extract(await read_json(request, settings.max_request_bytes), settings)
             started = time.monotonic()
             result = await _await(worker.submit_extract(text, schema))
         finally:
