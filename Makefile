@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV):$(PATH)
 setup:
 	bash scripts/setup.sh
 
-# make profile P=smoke | tiny | gpu | default: that profile's params as params.yaml (scripts/profile.sh)
+# make profile P=smoke | tiny | gpu | default: params.yaml's `profile:` set to it (scripts/profile.sh)
 profile:
 	bash scripts/profile.sh "$(P)"
 

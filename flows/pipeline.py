@@ -9,8 +9,9 @@ Prefect's UI draws the same graph.
 * A stage's output streams into its task run's logs.
 * Stages in ``flow.flaky_stages`` (params.yaml; e.g. the judge-calling ``reward_data``) are retried
   ``flow.retries`` times.
-* ``overrides`` set params like ``dvc exp run -S``: dotted keys written into params.yaml before the
-  run (comments kept) and left there, so the workspace, dvc.lock and MLflow agree afterwards.
+* ``overrides`` set params like ``dvc exp run -S``: dotted keys written into params.yaml (or the
+  active profile's overlay, for a key the profile sets) before the run (comments kept) and left
+  there, so the workspace, dvc.lock and MLflow agree afterwards.
 * ``CHATUIE_EXECUTION_ID=prefect-<flow run id>`` groups the stage runs under one MLflow parent run.
 * A markdown artifact (key ``chatuie-pipeline``) lists the stages, their metrics and MLflow runs.
 * Stages in ``flow.remote_stages`` (e.g. ``[sft, rm, rl]``) run as flow runs of the stage deployment
@@ -41,7 +42,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from chatuie import tracking
-from chatuie.config import build, load_params
+from chatuie.config import build, load_params, overlay_path, read_yaml
+from chatuie.config.params import ADD, PROFILE_KEY, REMOVE
 from tasks._stage import stage_address
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,20 +126,81 @@ def stage_graph(root: str | Path = ROOT, targets: list[str] | None = None) -> li
 
 
 def apply_overrides(params_path: Path, overrides: Mapping[str, Any]) -> None:
-    """``{"sft.train.max_steps": 1}`` into params.yaml, as ``dvc exp run -S`` (comments kept)."""
+    """``{"sft.train.max_steps": 1}`` into params.yaml, as ``dvc exp run -S`` (comments kept).
+
+    A key the active profile sets (or removes with ``~key``, or adds with ``+key``) goes into the
+    profile's overlay instead (profiles/<name>.yaml), where it takes effect; ``profile`` first, so
+    the others go where the new profile would read them. A key below one the profile sets to a
+    non-mapping or removes is refused (the merged value would not be what the same override of a
+    full params file gives): override that key whole.
+    """
     from dvc.utils.serialize import modify_yaml
 
-    with modify_yaml(params_path) as data:
-        for dotted, value in overrides.items():
+    for dotted in sorted(overrides, key=lambda k: k != PROFILE_KEY):
+        target, keys = _override_target(params_path, dotted)
+        value = overrides[dotted]
+        if target != params_path and not any(k.startswith(ADD) for k in keys):
+            value = _whole(value, _at(read_yaml(params_path), keys))
+        with modify_yaml(target) as data:
             node = data
-            *parents, leaf = dotted.split(".")
-            for key in parents:
+            for key in keys[:-1]:
                 if node.get(key) is None:
                     node[key] = {}
                 node = node[key]
                 if not isinstance(node, MutableMapping):
-                    raise ValueError(f"override {dotted}: {key} is not a mapping in {params_path}")
+                    raise ValueError(f"override {dotted}: {key} is not a mapping in {target}")
+            leaf = keys[-1]
+            if f"{REMOVE}{leaf}" in node:  # the profile removed it: now it sets it, in the same place
+                at = list(node).index(f"{REMOVE}{leaf}")
+                del node[f"{REMOVE}{leaf}"]
+                if hasattr(node, "insert"):
+                    node.insert(at, leaf, value)
+                    continue
             node[leaf] = value
+
+
+def _at(params: Any, keys: list[str]) -> Any:
+    for key in keys:
+        params = params.get(key) if isinstance(params, Mapping) else None
+    return params
+
+
+def _whole(value: Any, default: Any) -> Any:
+    """An override's mapping as overlay text that merges into ``default`` (params.yaml's value
+    there) to the mapping itself: ``~key`` for each key it leaves out, ``+key`` for one it adds."""
+    if not isinstance(value, Mapping) or not isinstance(default, Mapping):
+        return value
+    whole = {k if k in default else f"{ADD}{k}": _whole(v, default.get(k)) for k, v in value.items()}
+    return whole | {f"{REMOVE}{k}": None for k in default if k not in value}
+
+
+def _override_target(params_path: Path, dotted: str) -> tuple[Path, list[str]]:
+    """Where override ``dotted`` takes effect: (params.yaml or the active overlay, its key path there)."""
+    keys = dotted.split(".")
+    overlay = overlay_path(params_path) if dotted != PROFILE_KEY else None
+    if overlay is None:
+        return params_path, keys
+    node: Any = read_yaml(overlay)
+    path: list[str] = []
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if f"{ADD}{key}" in node:  # added by the profile: below it, the overlay's value as written
+            return overlay, [*path, f"{ADD}{key}", *keys[i + 1 :]]
+        if f"{REMOVE}{key}" in node:
+            if last:
+                return overlay, [*path, key]
+            raise ValueError(
+                f"override {dotted}: {overlay} removes {'.'.join(keys[: i + 1])}: override it whole"
+            )
+        if key not in node:
+            return params_path, keys  # the profile leaves it to params.yaml
+        path.append(key)
+        node = node[key]
+        if not last and not isinstance(node, Mapping):
+            raise ValueError(
+                f"override {dotted}: {overlay} sets {'.'.join(keys[: i + 1])} to {node!r}: override it whole"
+            )
+    return overlay, path
 
 
 class StageFailed(RuntimeError):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chatuie.config import build, load_params
+from chatuie.config import ConfigError, blame, build, load_params
 from chatuie.errors import ChatuieError
 from chatuie.models.precision import lineage
 from chatuie.tracking import PlotFile, StageInfo, TrackingError, log_run_params, stage_run, tracking_enabled
@@ -30,8 +30,14 @@ log = logging.getLogger("chatuie.stage")
 
 
 def section(name: str, cls: type[T], params_path: Path | None = None) -> T:
-    params = load_params(params_path or Path("params.yaml"))
-    return build(cls, params.get(name), f"params.yaml: {name}")
+    """Section ``name`` of params.yaml (the active profile merged in) as ``cls``; a mistake names the
+    file that set the key (params.yaml, or the profile's overlay)."""
+    path = params_path or Path("params.yaml")
+    params = load_params(path)
+    try:
+        return build(cls, params.get(name), f"{path.name}: {name}")
+    except ConfigError as err:
+        raise ConfigError(blame(str(err), path, label=path.name)) from None
 
 
 def run(
@@ -152,7 +158,7 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
         deps: dict[str, str] = {}
         for dep in stage.deps:
             if hasattr(dep, "read_params"):  # a params dependency: its sections, by listed name
-                params.update(dep.read_params())
+                params.update(_stage_params(dep, root))
             else:
                 deps[dep.def_path] = dep.get_hash().value or "missing"
         metrics, plots, outs = [], [], []
@@ -172,3 +178,25 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
         repo.close()
     params_file = load_params(root / "params.yaml") if (root / "params.yaml").exists() else {}
     return info, root, params_file
+
+
+def _stage_params(dep: Any, root: Path) -> dict[str, Any]:
+    """A params dependency's values by listed name ("sft", "samples.chat"), as the stage reads them:
+    from params.yaml, the active profile merged in (load_params; DVC's own reading would give
+    params.yaml's defaults). Another params file is read by DVC, as written."""
+    path = Path(dep.fs_path).resolve()
+    if path != (root / "params.yaml").resolve():
+        return dep.read_params()
+    merged = load_params(path)
+    if not dep.params:  # `- params.yaml:`: all of it
+        return merged
+    values = {}
+    for name in dep.params:
+        node: Any = merged
+        for key in name.split("."):
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            values[name] = node
+    return values

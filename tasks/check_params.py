@@ -1,4 +1,5 @@
-"""Stage `check_params`: the whole params.yaml checked before any other stage runs.
+"""Stage `check_params`: the whole params.yaml (its active profile merged in) checked before any
+other stage runs.
 
 A stage checks its own section when it starts, but DVC has deleted that stage's outputs by then
 (`sft.train.max_stepz` cost models/sft). This stage is first in dvc.yaml's graph (every other
@@ -10,6 +11,8 @@ dataclass its stage builds, as that stage does (``section`` of tasks/_stage.py),
     error: params.yaml: sft.train.max_stepz: unknown key (known: ...)
     error: params.yaml: sft.train.max_steps: expected an integer >= 1, got -3   (chatuie.config.RANGES)
 
+A value the active profile sets is named in its overlay (``profiles/smoke.yaml: sft.train.max_steps:
+...``); a profile may not set a key dvc.yaml reads from params.yaml itself (``${register.model}``).
 Every mistake found is printed (one line each, section by section), then exit status 1. On success
 it writes reports/params_check.json, whose content never depends on the params: the stages after it
 see the same dependency and rerun only for their own reasons.
@@ -19,14 +22,17 @@ see the same dependency and rerun only for their own reasons.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chatuie.config import ConfigError, build, load_params
+from chatuie.config import ConfigError, blame, build, load_params, overlay_path, read_yaml
+from chatuie.config.params import PROFILE_KEY, overlay_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("reports/params_check.json")
@@ -83,13 +89,20 @@ def _checked(where: str, make: Callable[[], Any]) -> Any:
 
 def check(params_path: Path) -> list[str]:
     """Every mistake in the params file, one message each (empty: all sections build)."""
+    errors = [blame(e, params_path) for e in _check(params_path)]
+    with contextlib.suppress(ConfigError, OSError):  # an unreadable file, an unknown profile: said above
+        errors += _templated(params_path)
+    return errors
+
+
+def _check(params_path: Path) -> list[str]:
     name = str(params_path)
     try:
         params = load_params(params_path)
     except (ConfigError, OSError) as err:
         return [str(err)]
     errors = []
-    unknown = sorted(set(params) - set(SECTIONS))
+    unknown = sorted(set(params) - set(SECTIONS) - {PROFILE_KEY})
     for section in unknown:
         errors.append(f"{name}: {section}: unknown section (known: {', '.join(sorted(SECTIONS))})")
     built: dict[str, Any] = {}
@@ -117,6 +130,25 @@ def check(params_path: Path) -> list[str]:
         except ConfigError as err:
             errors.append(str(err).replace("params.yaml: ", f"{name}: ", 1))
         errors += _missing_files(built["prepare"], name)
+    return errors
+
+
+def _templated(params_path: Path) -> list[str]:
+    """Keys the active profile sets that dvc.yaml (beside params.yaml) interpolates: DVC reads them
+    from params.yaml alone (``models/${register.model}``), the profile's value would not reach it."""
+    dvc_yaml = params_path.parent / "dvc.yaml"
+    overlay = overlay_path(params_path)
+    if overlay is None or not dvc_yaml.is_file():
+        return []
+    used = set(re.findall(r"\$\{\s*([\w.]+)\s*\}", dvc_yaml.read_text(encoding="utf-8")))
+    errors = []
+    for key in overlay_keys(read_yaml(overlay)):
+        for name in sorted(used):
+            if name == key or name.startswith(f"{key}.") or key.startswith(f"{name}."):
+                errors.append(
+                    f"{overlay}: {key}: dvc.yaml reads ${{{name}}} from {params_path.name} itself: "
+                    f"set it there, not in a profile"
+                )
     return errors
 
 

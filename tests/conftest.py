@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,9 +47,21 @@ def smoke_repo(smoke_run, tmp_path_factory) -> Path:
     return clone(smoke_run.snapshot, tmp_path_factory.mktemp("smoke-copy") / "repo")
 
 
-def params_with(tmp_path: Path, base: str = "params.yaml", **dotted: Any) -> Path:
-    """``base`` (a params file of the repo) with ``section__key=value`` overrides: tmp_path/params.yaml."""
-    params = yaml.safe_load((ROOT / base).read_text())
+def profile_params(profile: str = "default") -> dict[str, Any]:
+    """The repo's params.yaml with ``profiles/<profile>.yaml`` merged in, as a plain params file (no
+    ``profile`` key): what the stages read under that profile."""
+    from chatuie.config import merge, read_yaml
+
+    overlay = ROOT / "profiles" / f"{profile}.yaml"
+    params = merge(read_yaml(ROOT / "params.yaml"), read_yaml(overlay), str(overlay))
+    params.pop("profile")
+    return params
+
+
+def params_with(tmp_path: Path, profile: str = "default", **dotted: Any) -> Path:
+    """A profile's params (``profile_params``) with ``section__key=value`` overrides, written as one
+    plain params file: tmp_path/params.yaml."""
+    params = profile_params(profile)
     for key, value in dotted.items():
         *parents, leaf = key.split("__")
         node = params
@@ -57,3 +71,15 @@ def params_with(tmp_path: Path, base: str = "params.yaml", **dotted: Any) -> Pat
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def profiled_params(dest: Path, profile: str) -> Path:
+    """params.yaml and profiles/ of the repo copied to ``dest``, ``profile`` the active one (the line
+    `make profile` sets): dest/params.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "profiles", dest / "profiles", dirs_exist_ok=True)
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    text, found = re.subn(r"(?m)^profile: *\S+", f"profile: {profile}", text)
+    assert found == 1
+    (dest / "params.yaml").write_text(text, encoding="utf-8")
+    return dest / "params.yaml"

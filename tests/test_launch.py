@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import profile_params, profiled_params
 
 from chatuie import tracking
 from chatuie.config import ConfigError, build, load_params
 from chatuie.train.launch import LaunchError, LaunchSettings, launch_command, per_process_batch, relaunch
 from tests.helpers.smoke_pipeline import clone, sh, stage_running_until
+from tests.helpers.smoke_pipeline import params as repo_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # Loss after N steps, 2 processes vs 1, same global batch: the same samples make each global
@@ -86,7 +88,7 @@ def _stage_processes(repo: Path, script: str) -> dict[int, dict[str, str]]:
 def test_global_batch_is_split_over_processes() -> None:
     assert per_process_batch(8, 1, 1) == (8, 1)
     assert per_process_batch(8, 1, 2) == (4, 1)
-    assert per_process_batch(4, 16, 8) == (4, 2)  # params.gpu.yaml's sft: 64 = 8 GPUs x 4 x 2
+    assert per_process_batch(4, 16, 8) == (4, 2)  # the gpu profile's sft: 64 = 8 GPUs x 4 x 2
     assert per_process_batch(2, 16, 8) == (2, 2)
     assert per_process_batch(3, 4, 2) == (3, 2)  # 6 per process: 3 x 2 (never above the params' 3)
     with pytest.raises(LaunchError, match="does not divide"):
@@ -130,14 +132,16 @@ def _section_readers() -> dict[str, type]:
     return readers
 
 
-def test_gpu_profile_sets_only_what_the_stages_read() -> None:
-    """params.gpu.yaml cannot run here (no GPU, no hub): it parses, each section builds into the
-    dataclass its stage reads (unknown keys fail), and its accelerate configs match its launches."""
-    profile = load_params(ROOT / "params.gpu.yaml")
+def test_gpu_profile_sets_only_what_the_stages_read(tmp_path: Path) -> None:
+    """The gpu profile cannot run here (no GPU, no hub): profiles/gpu.yaml merges over params.yaml,
+    each section builds into the dataclass its stage reads (unknown keys fail), and its accelerate
+    configs match its launches."""
+    profile = load_params(profiled_params(tmp_path, "gpu"))
+    assert profile.pop("profile") == "gpu"
     readers = _section_readers()
     assert set(profile) <= set(readers), sorted(set(profile) - set(readers))
-    assert set(load_params(ROOT / "params.yaml")) == set(profile)
-    built = {name: build(readers[name], profile[name], f"params.gpu.yaml: {name}") for name in profile}
+    assert set(profile_params("default")) == set(profile)
+    built = {name: build(readers[name], profile[name], f"profiles/gpu.yaml: {name}") for name in profile}
     assert built["model"].base == "Qwen/Qwen2.5-7B-Instruct" and built["model"].dtype == "bfloat16"
     assert built["model"].lora is not None and built["sft"].merge_lora
     assert built["sft"].train.device == "auto" and built["rm"].train.device == "auto"
@@ -151,7 +155,7 @@ def test_gpu_profile_sets_only_what_the_stages_read() -> None:
         per_process_batch(train.per_device_batch_size, train.gradient_accumulation, launch.processes)
     assert set(built["flow"].remote_stages) == {"sft", "rm", "rl"}
     # The defaults do not change: one process, no remote stage.
-    defaults = load_params(ROOT / "params.yaml")
+    defaults = profile_params("default")
     assert build(readers["sft"], defaults["sft"], "sft").launch.processes == 1
     assert build(readers["rm"], defaults["rm"], "rm").launch.processes == 1
     assert build(readers["flow"], defaults["flow"], "flow").remote_stages == []
@@ -182,7 +186,7 @@ def test_two_processes_over_gloo_match_one_and_resume_after_a_kill(smoke_run, tm
     # sft: 2 processes; the launcher is SIGKILLed after the first checkpoint, the rerun resumes.
     checkpoints = repo / "models/checkpoints/sft"
     shutil.rmtree(checkpoints)  # the 1-process run's (other params: the new run would drop them)
-    steps = yaml.safe_load((one / "params.yaml").read_text())["sft"]["train"]
+    steps = repo_params(one)["sft"]["train"]
     started = time.monotonic()
     first = checkpoints / f"checkpoint-{steps['save_steps']}" / "trainer_state.json"
     with stage_running_until(repo, "sft", first) as dvc:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, params_with
+from conftest import ROOT, params_with, profiled_params
 
 from tasks.check_params import SECTIONS, check
 from tests.helpers.pipeline_repo import make_repo, run, tool_env
@@ -27,17 +27,18 @@ def smoke_data(tmp_path, monkeypatch) -> Path:
     return work
 
 
-@pytest.mark.parametrize("profile", ["", ".tiny", ".smoke", ".gpu"])
+@pytest.mark.parametrize("profile", ["default", "tiny", "smoke", "gpu"])
 def test_every_profile_passes(profile: str, smoke_data: Path) -> None:
-    assert check(ROOT / f"params{profile}.yaml") == []
+    assert check(profiled_params(smoke_data, profile)) == []
 
 
 def test_declared_files_must_exist(tmp_path, monkeypatch) -> None:
-    """The new user's `cp params.smoke.yaml params.yaml`: named here, before prepare deletes anything."""
+    """The smoke profile set without `make profile` (its data not copied): the overlay that declares
+    them is named, before prepare deletes anything."""
     monkeypatch.chdir(tmp_path)
-    errors = check(ROOT / "params.smoke.yaml")
+    errors = check(profiled_params(tmp_path, "smoke"))
     assert errors[0] == (
-        f"{ROOT / 'params.smoke.yaml'}: prepare.datasets[0].files.train: "
+        f"{tmp_path / 'profiles' / 'smoke.yaml'}: prepare.datasets[0].files.train: "
         "data/user/smoke/ner_train.jsonl: no such file (dataset 'smoke_ner') "
         "(`make profile P=smoke` puts them there)"
     )
@@ -45,13 +46,13 @@ def test_declared_files_must_exist(tmp_path, monkeypatch) -> None:
 
 
 def test_every_section_of_the_default_is_checked() -> None:
-    assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == set(SECTIONS)
+    assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == {*SECTIONS, "profile"}
 
 
 def test_mistakes_name_the_file_and_key(tmp_path, smoke_data: Path) -> None:
     path = params_with(
         tmp_path,
-        "params.smoke.yaml",
+        "smoke",
         sft__train__max_stepz=3,
         rl__grpo__learning_rate="fast",
         judge__modle="x",
@@ -65,9 +66,47 @@ def test_mistakes_name_the_file_and_key(tmp_path, smoke_data: Path) -> None:
     assert len(errors) == 4
 
 
+def test_a_mistake_is_named_in_the_file_that_made_it(tmp_path, smoke_data: Path) -> None:
+    """Under a profile, a value the overlay sets is its overlay's mistake; the rest params.yaml's."""
+    params = profiled_params(tmp_path / "repo", "smoke")
+    overlay = params.parent / "profiles" / "smoke.yaml"
+    overlay.write_text(overlay.read_text().replace("    max_steps: 10\n", "    max_steps: -3\n", 1))
+    params.write_text(params.read_text().replace("  webqa_test_size: 1000", "  webqa_test_size: 0", 1))
+    errors = check(params)
+    assert errors == [
+        f"{params}: prepare.webqa_test_size: expected an integer >= 1, got 0",
+        f"{overlay}: sft.train.max_steps: expected an integer >= 1, got -3",
+    ]
+    # A key the overlay has that params.yaml has not: refused when read, the file and key named.
+    overlay.write_text(overlay.read_text().replace("    max_steps: -3\n", "    max_stepz: 3\n", 1))
+    (error,) = check(params)
+    assert error == (
+        f"{overlay}: sft.train.max_stepz: not a key of params.yaml (to add one it leaves out: +max_stepz)"
+    )
+
+
+def test_a_profile_may_not_set_what_dvc_yaml_reads(tmp_path, smoke_data: Path) -> None:
+    """dvc.yaml's ${register.model} comes from params.yaml alone: a profile setting it is refused."""
+    params = profiled_params(tmp_path / "repo", "smoke")
+    shutil.copy(ROOT / "dvc.yaml", params.parent / "dvc.yaml")
+    assert check(params) == []
+    overlay = params.parent / "profiles" / "smoke.yaml"
+    overlay.write_text(overlay.read_text() + "\nregister: {model: sft}\n")
+    assert check(params) == [
+        f"{overlay}: register.model: dvc.yaml reads ${{register.model}} from params.yaml itself: "
+        "set it there, not in a profile"
+    ]
+
+
+def test_an_unknown_profile_is_one_error(tmp_path) -> None:
+    params = profiled_params(tmp_path, "smoke")
+    params.write_text(params.read_text().replace("profile: smoke", "profile: smok"))
+    assert check(params) == [f"{params}: profile: no profile 'smok' (known: default, gpu, smoke, tiny)"]
+
+
 def test_a_cross_section_refusal_of_prepare_too(tmp_path, smoke_data: Path) -> None:
     # resume is taught (sft.datasets)
-    path = params_with(tmp_path, "params.smoke.yaml", evaluate__zero_shot=["resume"])
+    path = params_with(tmp_path, "smoke", evaluate__zero_shot=["resume"])
     errors = check(path)
     # prepare's refusal (evaluate.zero_shot against sft.datasets), besides evaluate's own
     prepare = f"{path}: evaluate.zero_shot: 'resume' is also in sft.datasets"

@@ -1,5 +1,6 @@
-"""`make profile P=...` (scripts/profile.sh) in a fresh clone: the profile's params as params.yaml and,
-for smoke, its declared datasets where params.smoke.yaml expects them, tracked by DVC."""
+"""`make profile P=...` (scripts/profile.sh) in a fresh clone: params.yaml's `profile:` line set (its
+overlay, profiles/<name>.yaml, then merged over params.yaml by every reader) and, for smoke, its
+declared datasets where profiles/smoke.yaml expects them, tracked by DVC."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from chatuie.config import load_params, read_yaml
 from tests.helpers.pipeline_repo import run, tool_env
 
 FILES = [
     "Makefile",
     "scripts/profile.sh",
     "params.yaml",
-    "params.tiny.yaml",
-    "params.smoke.yaml",
-    "params.gpu.yaml",
+    "profiles",
     "tests/fixtures/user",
     "data/user/README.md",
     "data/.gitignore",
@@ -59,12 +59,23 @@ def _status(repo: Path) -> list[str]:
     return run(["git", "status", "--porcelain"], repo).stdout.splitlines()
 
 
+def _diff(repo: Path) -> list[str]:
+    """The lines `git diff` changes in params.yaml."""
+    out = run(["git", "diff", "-U0", "params.yaml"], repo).stdout.splitlines()
+    return [line for line in out if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
 def test_smoke_then_tiny_then_default(clone: Path) -> None:
+    committed = (clone / "params.yaml").read_text()
     proc = _profile(clone, "smoke")
     assert proc.returncode == 0, proc.stderr
-    assert filecmp.cmp(clone / "params.yaml", clone / "params.smoke.yaml", shallow=False)
+    # One line of params.yaml changes; the overlay is merged in where params are read.
+    assert _diff(clone) == ["-profile: default", "+profile: smoke"]
+    assert read_yaml(clone / "params.yaml")["profile"] == "smoke"
+    merged = load_params(clone / "params.yaml")
+    assert merged["sft"]["train"]["max_steps"] == 10 and merged["model"]["base"] == "tiny"
     # Every file the smoke profile declares is where it says (the new user's `no such file`).
-    declared = yaml.safe_load((clone / "params.yaml").read_text())["prepare"]["datasets"]
+    declared = merged["prepare"]["datasets"]
     paths = [p for d in declared for p in [*d["files"].values(), d.get("schema")] if p]
     assert paths and all((clone / p).is_file() for p in paths)
     smoke = clone / "data" / "user" / "smoke"
@@ -76,34 +87,72 @@ def test_smoke_then_tiny_then_default(clone: Path) -> None:
 
     proc = _profile(clone, "tiny")
     assert proc.returncode == 0, proc.stderr
-    assert filecmp.cmp(clone / "params.yaml", clone / "params.tiny.yaml", shallow=False)
+    assert _diff(clone) == ["-profile: default", "+profile: tiny"]
+    assert load_params(clone / "params.yaml")["model"]["lora"] is None
     # data/user (a dependency of prepare) is as committed again: no smoke data in the tiny run.
     assert not smoke.exists() and _status(clone) == [" M params.yaml"]
 
     proc = _profile(clone, "default")
     assert proc.returncode == 0, proc.stderr
-    assert _status(clone) == []
+    assert _status(clone) == [] and (clone / "params.yaml").read_text() == committed
 
 
 def test_gpu_switches_too(clone: Path) -> None:
     assert _profile(clone, "gpu").returncode == 0
-    assert filecmp.cmp(clone / "params.yaml", clone / "params.gpu.yaml", shallow=False)
+    assert _diff(clone) == ["-profile: default", "+profile: gpu"]
+    assert load_params(clone / "params.yaml")["sft"]["launch"]["processes"] == 8
 
 
-@pytest.mark.parametrize("name", ["bogus", "", "params.smoke.yaml"])
+@pytest.mark.parametrize("name", ["bogus", "", "params.smoke.yaml", "smoke.yaml"])
 def test_an_unknown_profile_changes_nothing(clone: Path, name: str) -> None:
     proc = _profile(clone, name)
     assert proc.returncode == 2
-    assert "profile:" in proc.stderr and "default tiny smoke gpu" in proc.stderr.replace("|", " ")
+    assert "profile:" in proc.stderr and "default gpu smoke tiny" in proc.stderr.replace("|", " ")
     assert _status(clone) == []
 
 
-def test_edits_of_ones_own_are_kept_unless_forced(clone: Path) -> None:
+def test_edits_of_ones_own_are_kept(clone: Path) -> None:
+    """Switching sets one line: an edit of params.yaml stays, and applies where no profile overrides
+    it (FORCE=1, once needed to overwrite it, changes nothing)."""
     params = clone / "params.yaml"
-    edited = params.read_text() + "# mine\n"
+    edited = params.read_text().replace("  webqa_test_size: 1000", "  webqa_test_size: 999", 1)
+    edited = edited.replace("profile: default", "profile: default   # mine", 1) + "# mine\n"
     params.write_text(edited)
+    for force in ("0", "1"):
+        proc = _profile(clone, "tiny", FORCE=force)
+        assert proc.returncode == 0, proc.stderr
+        assert params.read_text() == edited.replace("profile: default", "profile: tiny", 1)
+        assert load_params(params)["prepare"]["webqa_test_size"] == 999
+        assert _profile(clone, "default").returncode == 0
+        assert params.read_text() == edited
+
+
+def test_a_params_yaml_without_its_profile_line_is_refused(clone: Path) -> None:
+    params = clone / "params.yaml"
+    params.write_text(params.read_text().replace("profile: default\n", ""))
     proc = _profile(clone, "smoke")
-    assert proc.returncode == 2 and "FORCE=1" in proc.stderr
-    assert params.read_text() == edited and _status(clone) == [" M params.yaml"]
-    assert _profile(clone, "smoke", FORCE="1").returncode == 0
-    assert filecmp.cmp(params, clone / "params.smoke.yaml", shallow=False)
+    assert proc.returncode == 2 and "profile: <name>" in proc.stderr
+    assert _status(clone) == [" M params.yaml"] and not (clone / "data" / "user" / "smoke").exists()
+
+
+def test_overlays_hold_only_what_differs() -> None:
+    """No overlay sets a key to params.yaml's own value (it would hide a later change of the default)."""
+    from chatuie.config.params import ADD, REMOVE
+
+    def same(base: dict, overlay: dict, where: str) -> list[str]:
+        found = []
+        for key, value in overlay.items():
+            if isinstance(key, str) and key[:1] in (ADD, REMOVE):
+                continue
+            if isinstance(value, dict) and isinstance(base[key], dict):
+                found += same(base[key], value, f"{where}{key}.")
+            elif value == base[key] and type(value) is type(base[key]):
+                found.append(f"{where}{key}")
+        return found
+
+    base = read_yaml(ROOT / "params.yaml")
+    profiles = sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml"))
+    assert profiles == ["default", "gpu", "smoke", "tiny"]
+    assert read_yaml(ROOT / "profiles" / "default.yaml") == {}
+    for name in profiles:
+        assert same(base, yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text()) or {}, "") == []

@@ -21,6 +21,7 @@ from chatuie import tracking
 from chatuie.tracking import PlotFile, StageInfo, TrackingError
 from tests.helpers.pipeline_repo import up_to_date
 from tests.helpers.smoke_pipeline import FAKE_SECRET, VENV_BIN, clone, env, sh
+from tests.helpers.smoke_pipeline import params as repo_params
 
 SECRET = "tok-abcdefgh-12345678"
 
@@ -235,7 +236,7 @@ def test_smoke_repro_is_one_execution_with_a_run_per_stage(smoke_run) -> None:
     loss_rows = (snapshot / "metrics" / "train" / "sft_loss.csv").read_text().split()[1:]
     history = client.get_metric_history(runs["sft"].info.run_id, "loss")
     assert [m.step for m in history] == [int(r.split(",")[0]) for r in loss_rows]
-    max_steps = yaml.safe_load((snapshot / "params.yaml").read_text())["sft"]["train"]["max_steps"]
+    max_steps = repo_params(snapshot)["sft"]["train"]["max_steps"]  # the smoke profile's, not params.yaml's
     assert runs["sft"].data.params["sft.train.max_steps"] == str(max_steps)
 
     def artifacts(stage: str, path: str = "") -> set[str]:
@@ -339,7 +340,7 @@ def test_stage_against_a_real_mlflow_server(
         (parent,) = _runs(client, **{tracking.TAG_KIND: "execution"})
         (run,) = _runs(client, **{tracking.TAG_KIND: "stage"})
         assert run.info.run_name == "register" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        model = yaml.safe_load((repo / "params.yaml").read_text())["register"]["model"]
+        model = repo_params(repo)["register"]["model"]
         assert run.data.params["register.model"] == model and "promote.min_f1_gain" in run.data.params
         assert "registered.mean_ie_f1" in run.data.metrics and run.data.metrics["version"] == 1
         assert [a.path for a in client.list_artifacts(run.info.run_id, "metrics")] == [

@@ -14,9 +14,7 @@ SHARED_STORE = (ROOT / ".." / "shared" / "dvc-store").resolve()
 PROJECT_FILES = [
     "dvc.yaml",
     "params.yaml",
-    "params.smoke.yaml",
-    "params.tiny.yaml",
-    "params.gpu.yaml",
+    "profiles",  # the profiles' overlays (params.yaml's `profile` picks one)
     "Makefile",
     "scripts/profile.sh",
     "tests/fixtures/user",  # the smoke profile's declared datasets
@@ -77,7 +75,7 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 def make_repo(dest: Path, profile: str | None = None) -> Path:
     """Copy the pipeline into ``dest`` (a fresh git repo); ``profile='smoke'``: then ``make profile
-    P=smoke`` as the README says (params.smoke.yaml as params.yaml, its datasets in data/user/smoke)."""
+    P=smoke`` as the README says (params.yaml's ``profile: smoke``, its datasets in data/user/smoke)."""
     if not SHARED_STORE.is_dir():
         raise RuntimeError(f"DVC remote not found at {SHARED_STORE}")
     for name in PROJECT_FILES:
@@ -96,6 +94,5 @@ def make_repo(dest: Path, profile: str | None = None) -> Path:
     run(["dvc", "remote", "modify", "--local", "shared", "url", str(SHARED_STORE)], dest)
     run(["dvc", "pull", "-q", "data/raw.dvc"], dest)
     if profile:
-        # FORCE: this repo has no commit yet, so its params.yaml cannot be told from a user's edits.
-        run(["make", "-s", "profile", f"P={profile}"], dest, tool_env(FORCE="1"))
+        run(["make", "-s", "profile", f"P={profile}"], dest)
     return dest

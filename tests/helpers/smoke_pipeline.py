@@ -1,10 +1,10 @@
 """One tracked smoke-profile pipeline run per test process, shared by test_tracking, test_registry
 and test_flows.
 
-``smoke(tmp_path_factory)`` builds a temporary git repo from this checkout (params.smoke.yaml as
-params.yaml), commits it and runs ``dvc repro`` once (the judge's key exported, to prove it is never
-recorded); later calls return the same run. Tests only read ``Smoke.repo`` (its MLflow store), and
-change copies of ``Smoke.snapshot``, the repo (store included) as that run left it.
+``smoke(tmp_path_factory)`` builds a temporary git repo from this checkout (`make profile P=smoke`:
+the smoke profile active), commits it and runs ``dvc repro`` once (the judge's key exported, to
+prove it is never recorded); later calls return the same run. Tests only read ``Smoke.repo`` (its
+MLflow store), and change copies of ``Smoke.snapshot``, the repo (store included) as that run left it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from tests.helpers.pipeline_repo import make_repo, run, tool_env
 
@@ -117,4 +115,7 @@ def clone(source: Path, dst: Path, *, store: bool = False) -> Path:
 
 
 def params(repo: Path) -> dict:
-    return yaml.safe_load((repo / "params.yaml").read_text())
+    """The params the stages of ``repo`` read: params.yaml, its active profile merged in."""
+    from chatuie.config import load_params
+
+    return load_params(repo / "params.yaml")

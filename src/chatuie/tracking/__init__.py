@@ -10,8 +10,8 @@ the repository, ``sqlite:///<root>/mlflow/mlflow.db`` with artifacts in ``<root>
 
 What a stage run records (:func:`stage_run`):
 
-* params: the stage's params sections (as listed under ``params:`` in dvc.yaml), flattened to
-  ``section.key.subkey``;
+* params: the stage's params sections (as listed under ``params:`` in dvc.yaml, with the values
+  the stage reads: the active profile merged in), flattened to ``section.key.subkey``;
 * metrics: the stage's metrics files flattened to ``a.b.c`` (numbers only) and, from its plots
   files, one metric per y column at each x step (``metrics/train/sft_loss.csv`` -> ``loss``);
 * artifacts: metrics and plots files and the stage's small outputs (reports, sample predictions);

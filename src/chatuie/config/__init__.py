@@ -1,4 +1,8 @@
-"""Typed configs from params.yaml sections, with errors that name the offending field."""
+"""Typed configs from params.yaml sections, with errors that name the offending field.
+
+Reading params (params.yaml with the active profile's overlay) is chatuie.config.params; its names
+are importable from here too.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +11,35 @@ import fnmatch
 import math
 import re
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from chatuie.errors import ChatuieError
-
-T = TypeVar("T")
-
-
-class ConfigError(ChatuieError, ValueError):
-    """A params or configuration mistake; the message names the file and key."""
-
-
-class _ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader plus YAML 1.2's exponent floats.
-
-    DVC writes `dvc exp run -S key=5e-5` as YAML 1.2 (`5e-05`, no dot), which YAML 1.1 reads as
-    text; here it is the float DVC meant, for every key.
-    """
-
-
-_ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
+from chatuie.config.params import (
+    ConfigError,
+    blame,
+    known_profiles,
+    load_params,
+    merge,
+    overlay_path,
+    read_yaml,
+    source_of,
 )
 
+__all__ = [
+    "RANGES",
+    "ConfigError",
+    "Range",
+    "blame",
+    "build",
+    "known_profiles",
+    "load_params",
+    "merge",
+    "overlay_path",
+    "range_of",
+    "read_yaml",
+    "source_of",
+]
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_ParamsLoader) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of stage sections")
-    return data
+T = TypeVar("T")
 
 
 def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
