@@ -62,20 +62,6 @@ def _config_class(section: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _judge(data: Any, where: str) -> Any:
-    """As reward_data builds it: ``JudgeConfig.from_dict`` (its unknown keys named like build's)."""
-    import dataclasses
-
-    cls = _config_class("judge")
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(known)})")
-    return cls.from_dict(data, where)
-
 
 def _checked(where: str, make: Callable[[], Any]) -> Any:
     """``make()``; a ValueError/TypeError (a ``__post_init__`` check) becomes a ConfigError at ``where``."""
@@ -110,11 +96,8 @@ def _check(params_path: Path) -> list[str]:
         where = f"{name}: {section}"
         data = params.get(section)
         try:
-            if section == "judge":
-                built[section] = _checked(where, lambda d=data, w=where: _judge(d, w))
-            else:
-                cls = _config_class(section)
-                built[section] = _checked(where, lambda c=cls, d=data, w=where: build(c, d, w))
+            cls = _config_class(section)
+            built[section] = _checked(where, lambda c=cls, d=data, w=where: build(c, d, w))
         except ConfigError as err:
             errors.append(str(err))
     if "prepare" in built:  # what prepare refuses before any training (evaluate.zero_shot vs sft)

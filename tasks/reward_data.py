@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from chatuie.config import ConfigError, build, load_params
+from chatuie.config import ConfigError
 from chatuie.data.records import Record, load_records
 from chatuie.data.samples import SamplesConfig
 from chatuie.data.splits import HeldoutSplit, is_heldout
@@ -38,6 +38,7 @@ from chatuie.reward.pairs import (
     sample_answers,
     sample_records,
 )
+from chatuie.train.trainer import SFTStageConfig
 from tasks._stage import record_precision, run, section, set_threads
 
 RECORDS = Path("data/records")
@@ -45,17 +46,9 @@ OUT = Path("data/reward")
 
 
 def configs() -> tuple[RewardDataConfig, HeldoutSplit, JudgeConfig]:
-    try:
-        config = section("reward_data", RewardDataConfig)
-        params = load_params(Path("params.yaml"))
-        # The held-out slice is the sft stage's (sft.heldout): both stages must agree on it.
-        heldout = build(HeldoutSplit, (params.get("sft") or {}).get("heldout"), "params.yaml: sft.heldout")
-        judge = JudgeConfig.from_dict(params.get("judge") or {}, "params.yaml: judge")
-    except ConfigError:
-        raise
-    except ValueError as err:  # __post_init__ checks
-        raise ConfigError(f"params.yaml: {err}") from None
-    return config, heldout, judge
+    # The held-out slice is the sft stage's (sft.heldout): both stages must agree on it.
+    heldout = section("sft", SFTStageConfig).heldout
+    return section("reward_data", RewardDataConfig), heldout, section("judge", JudgeConfig)
 
 
 def judged_instructions(

@@ -99,7 +99,7 @@ def test_every_default_is_in_its_range() -> None:
             70000,
             "expected an integer in [0, 65535] (0: a free port), got 70000",
         ),
-        ("judge.max_tokens", 0, "expected an integer >= 1, got 0"),  # judge: JudgeConfig.from_dict
+        ("judge.max_tokens", 0, "expected an integer >= 1, got 0"),
         ("sft.repeats", {"conll04": 0}, None),
         ("promote.floor_chat", {"webqa_rouge1": -1.0}, None),
     ],
@@ -142,4 +142,4 @@ def test_the_stage_read_refuses_it_too() -> None:
     with pytest.raises(
         ConfigError, match=r"^params\.yaml: judge\.timeout_s: expected a number > 0, got 0\.0$"
     ):
-        judge.from_dict({"timeout_s": 0}, "params.yaml: judge")
+        build(judge, {"timeout_s": 0}, "params.yaml: judge")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from chatuie.config import ConfigError, build
 from chatuie.data.answers import flatten_answer
 from chatuie.data.records import Entity, Record, Schema
 from chatuie.reward import judge_cache
@@ -280,7 +281,8 @@ _CHILD = """
 import json, sys
 from chatuie.reward.judge import score_all
 from chatuie.reward.judge_types import JudgeConfig, JudgeItem
-cfg = JudgeConfig.from_dict(json.load(open(sys.argv[1])))
+from chatuie.config import build
+cfg = build(JudgeConfig, json.load(open(sys.argv[1])), "judge")
 items = [JudgeItem.from_dict(d) for d in json.load(open(sys.argv[2]))]
 score_all(items, cfg)
 """
@@ -515,10 +517,10 @@ def test_item_from_record_renders_gold() -> None:
 # ---------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------
-def test_config_from_dict_rejects_unknown_keys() -> None:
-    assert JudgeConfig.from_dict({"provider": "openai"}).provider == "openai"
-    with pytest.raises(ValueError, match="unknown judge config keys"):
-        JudgeConfig.from_dict({"api_key": "sk-nope"})
+def test_config_rejects_unknown_keys() -> None:
+    assert build(JudgeConfig, {"provider": "openai"}, "judge").provider == "openai"
+    with pytest.raises(ConfigError, match=r"^judge.api_key: unknown key \(known: "):
+        build(JudgeConfig, {"api_key": "sk-nope"}, "judge")
     with pytest.raises(ValueError, match="provider"):
         JudgeConfig(provider="anthropic")  # type: ignore[arg-type]
 

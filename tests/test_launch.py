@@ -124,10 +124,8 @@ def _section_readers() -> dict[str, type]:
         module = importlib.import_module(f"tasks.{script.stem}")
         for name, cls in calls:
             readers[name] = getattr(module, cls)
-    from chatuie.reward.judge_types import JudgeConfig
     from flows.pipeline import FlowConfig
 
-    readers["judge"] = JudgeConfig  # tasks/reward_data.py: JudgeConfig.from_dict
     readers["flow"] = FlowConfig
     return readers
 

@@ -48,19 +48,6 @@ class JudgeConfig:
         if self.max_requests is not None and self.max_requests < 0:
             raise ValueError("judge max_requests must be >= 0 (or null for no budget)")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "judge") -> JudgeConfig:
-        """Build from a params mapping; unknown keys are an error (a typo must not go unseen), and
-        types and number ranges are checked as for every section (chatuie.config.build), ``where``
-        (``params.yaml: judge``) naming the key."""
-        from chatuie.config import build
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown judge config keys: {unknown}")
-        return build(cls, dict(data), where)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
