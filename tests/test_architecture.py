@@ -122,3 +122,11 @@ def test_no_test_module_imports_another() -> None:
             if name.split(".")[-1] in tests or name.split(".")[0] in tests:
                 found.append(f"{path.relative_to(ROOT)}: {name}")
     assert not found, "shared test code belongs in tests/conftest.py or tests/helpers:\n" + "\n".join(found)
+
+
+def test_tests_mirror_the_packages() -> None:
+    """tests/<package>/ for each package of the library; tests/pipeline for tasks/, flows/, DVC."""
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    assert folders - {"helpers", "fixtures", "pipeline"} <= packages, folders - packages
+    assert not [p.name for p in (ROOT / "tests").glob("test_*.py") if p.stem.removeprefix("test_") in packages]

@@ -150,7 +150,7 @@ SHARE = Range(0, 1)  # a probability, a share, a ratio
 # reads against its rule (dict values and list items under the key too), so a value out of range
 # stops the stage, and check_params before any stage, with the key named:
 #     params.yaml: sft.train.max_steps: expected an integer >= 1, got -3
-# tests/test_config_ranges.py fails for a number in a section that no rule covers.
+# tests/config/test_config_ranges.py fails for a number in a section that no rule covers.
 RANGES: tuple[tuple[str, Range], ...] = (
     # Exceptions to the name rules below (a 0 or an edge that means something, or a wider scale).
     ("*.max_labels_per_instruction", Range(0, note="0: no limit")),

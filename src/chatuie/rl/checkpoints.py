@@ -12,7 +12,7 @@ once the new one is complete.
 To resume, :func:`PPOCheckpoints.bind` tells the trainer only the updates left; when training begins
 the callback loads the checkpoint back, and the loader replays the current epoch's shuffle from the
 random state it started with, skipping the prompts already used. A resumed run therefore makes the
-same rollouts and updates as the uninterrupted one (tests/test_rl.py checks weights and log).
+same rollouts and updates as the uninterrupted one (tests/rl/test_rl.py checks weights and log).
 """
 
 from __future__ import annotations

@@ -475,7 +475,7 @@ def test_cli_bad_input_fails_cleanly(model_dir: Path, schema_file: Path, tmp_pat
 
 
 def test_schema_doc_examples_are_valid() -> None:
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "schema.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "schema.md").read_text(encoding="utf-8")
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", doc, re.S)]
     schemas = [b for b in blocks if "id" not in b]  # the last block is a result, not a schema
     assert len(schemas) >= 8

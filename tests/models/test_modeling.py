@@ -36,7 +36,7 @@ from chatuie.models.modeling import (
 from chatuie.train.trainer import TeachSettings, last_checkpoint, teach_to_answer, train_sft
 from tests.helpers.tiny_chat import CORPUS_EXTRA, QA, SAMPLES, SYSTEM, TINY, chat, settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)

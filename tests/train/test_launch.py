@@ -23,7 +23,7 @@ from chatuie.train.launch import LaunchError, LaunchSettings, launch_command, pe
 from tests.helpers.smoke_pipeline import clone, sh, stage_running_until
 from tests.helpers.smoke_pipeline import params as repo_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Loss after N steps, 2 processes vs 1, same global batch: the same samples make each global
 # batch (accelerate hands the one sampler's batches to the ranks in turn), the loss is averaged
 # over the global batch's tokens (transformers' average_tokens_across_devices) or pairs (equal

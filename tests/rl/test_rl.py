@@ -279,7 +279,7 @@ def test_ppo_with_an_f1_term_trains_and_logs_it(project: Path, prompts: list[dic
 
 
 class Killed(Exception):
-    """Stands in for a kill right after an update's checkpoint (tests/test_rl.py's stage test kills -9)."""
+    """Stands in for a kill right after an update's checkpoint (tests/rl/test_rl.py's stage test kills -9)."""
 
 
 class KillAfter(TrainerCallback):

@@ -15,7 +15,7 @@ import pytest
 from chatuie.eval.charts import PALETTE, bar_chart, line_chart
 from chatuie.eval.report import ReportConfig, ReportError, build_report, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ie_result(

@@ -21,7 +21,7 @@ from chatuie import tracking
 from flows.pipeline import apply_overrides, stage_graph
 from tests.helpers.smoke_pipeline import VENV_BIN, clone, env, sh
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A stage that fails on its first attempt and passes on the second: the flow's retry at work.
 PROBE = (
