@@ -129,4 +129,5 @@ def test_tests_mirror_the_packages() -> None:
     folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
     packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
     assert folders - {"helpers", "fixtures", "pipeline"} <= packages, folders - packages
-    assert not [p.name for p in (ROOT / "tests").glob("test_*.py") if p.stem.removeprefix("test_") in packages]
+    at_top = [p.name for p in (ROOT / "tests").glob("test_*.py") if p.stem.removeprefix("test_") in packages]
+    assert not at_top, f"tests of a package belong in its folder: {at_top}"
