@@ -183,8 +183,11 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
 def _stage_params(dep: Any, root: Path) -> dict[str, Any]:
     """A params dependency's values by listed name ("sft", "samples.chat"), as the stage reads them:
     from params.yaml, the active profile merged in (load_params; DVC's own reading would give
-    params.yaml's defaults). Another params file is read by DVC, as written."""
+    params.yaml's defaults); the profile's own overlay adds nothing more (its values are in that
+    merge). Another params file is read by DVC, as written."""
     path = Path(dep.fs_path).resolve()
+    if path.parent == (root / "profiles").resolve():
+        return {}
     if path != (root / "params.yaml").resolve():
         return dep.read_params()
     merged = load_params(path)

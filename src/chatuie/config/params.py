@@ -15,8 +15,8 @@ goes through :func:`load_params`, which merges the two:
 
 The profile is chosen in params.yaml only (``make profile P=smoke``, or ``dvc exp run -S
 profile=smoke``), never by an environment variable: DVC reads it there too (dvc.yaml's
-``profiles/${profile}.yaml`` dependency), so a switch reruns what it changes. A params file with
-no ``profile`` key is read as it is (a test's, an archived run's).
+``profiles/${profile}.yaml`` params, section by section), so a switch reruns what it changes.
+A params file with no ``profile`` key is read as it is (a test's, an archived run's).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def overlay_keys(overlay: Mapping[str, Any], prefix: str = "") -> list[str]:
         dotted = f"{prefix}{_plain(key)}"
         if isinstance(key, str) and key[:1] in (REMOVE, ADD) and len(key) > 1:
             keys.append(dotted)
-        elif isinstance(value, Mapping) and value:
+        elif isinstance(value, Mapping):  # merged key by key ({}: sets nothing)
             keys += overlay_keys(value, f"{dotted}.")
         else:
             keys.append(dotted)
