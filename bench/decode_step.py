@@ -119,7 +119,7 @@ def main() -> None:
     config = dataclasses.replace(config, lora=None)  # the base alone: what decoding multiplies by
     model, tokenizer = load_model(config)
     dtype = resolve_dtype(config.dtype, where="model.dtype")
-    model = model.to(dtype).eval()
+    model = model.to(getattr(torch, dtype)).eval()
     device = current_device()
     results = [
         measure(model, tokenizer, int(b), args.steps, args.allowed, args.records)
@@ -128,7 +128,7 @@ def main() -> None:
     report = {
         "what": "one decoding step: decoder body vs the full output head vs the head over allowed tokens",
         "model": config.base,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype,
         "cpu_class": device.label,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
