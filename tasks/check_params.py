@@ -27,7 +27,6 @@ import importlib
 import json
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +62,6 @@ def _config_class(section: str) -> type:
 
 
 
-def _checked(where: str, make: Callable[[], Any]) -> Any:
-    """``make()``; a ValueError/TypeError (a ``__post_init__`` check) becomes a ConfigError at ``where``."""
-    try:
-        return make()
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where}: {err}") from None
-
 
 def check(params_path: Path) -> list[str]:
     """Every mistake in the params file, one message each (empty: all sections build)."""
@@ -97,7 +87,7 @@ def _check(params_path: Path) -> list[str]:
         data = params.get(section)
         try:
             cls = _config_class(section)
-            built[section] = _checked(where, lambda c=cls, d=data, w=where: build(c, d, w))
+            built[section] = build(cls, data, where)
         except ConfigError as err:
             errors.append(str(err))
     if "prepare" in built:  # what prepare refuses before any training (evaluate.zero_shot vs sft)

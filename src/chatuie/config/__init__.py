@@ -60,7 +60,7 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except ValueError as err:  # a dataclass's own check (__post_init__): name where it was read
+    except (ValueError, TypeError) as err:  # __post_init__'s own check: named where it was read
         message = str(err)
         raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
