@@ -154,11 +154,12 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
                 f"this command is the cmd of several stages ({names}): pass run(main, stage=...)"
             )
         stage = matches[0]
+        params_file = load_params(root / "params.yaml") if (root / "params.yaml").exists() else {}
         params: dict[str, Any] = {}
         deps: dict[str, str] = {}
         for dep in stage.deps:
             if hasattr(dep, "read_params"):  # a params dependency: its sections, by listed name
-                params.update(_stage_params(dep, root))
+                params.update(_stage_params(dep, root, params_file))
             else:
                 deps[dep.def_path] = dep.get_hash().value or "missing"
         metrics, plots, outs = [], [], []
@@ -176,21 +177,19 @@ def stage_info(name: str | None = None) -> tuple[StageInfo, Path, dict[str, Any]
         raise TrackingError(f"reading the stage from dvc.yaml failed: {err}") from err
     finally:
         repo.close()
-    params_file = load_params(root / "params.yaml") if (root / "params.yaml").exists() else {}
     return info, root, params_file
 
 
-def _stage_params(dep: Any, root: Path) -> dict[str, Any]:
+def _stage_params(dep: Any, root: Path, merged: dict[str, Any]) -> dict[str, Any]:
     """A params dependency's values by listed name ("sft", "samples.chat"), as the stage reads them:
-    from params.yaml, the active profile merged in (load_params; DVC's own reading would give
-    params.yaml's defaults); the profile's own overlay adds nothing more (its values are in that
-    merge). Another params file is read by DVC, as written."""
+    from ``merged``, params.yaml with the active profile merged in (load_params; DVC's own reading
+    would give params.yaml's defaults); the profile's own overlay adds nothing more (its values are
+    in that merge). Another params file is read by DVC, as written."""
     path = Path(dep.fs_path).resolve()
     if path.parent == (root / "profiles").resolve():
         return {}
     if path != (root / "params.yaml").resolve():
         return dep.read_params()
-    merged = load_params(path)
     if not dep.params:  # `- params.yaml:`: all of it
         return merged
     values = {}

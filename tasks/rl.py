@@ -38,20 +38,20 @@ CHECKPOINTS = Path("models/checkpoints/rl")
 
 
 def train() -> None:
-    stage = config = section("rl", RLConfig)
+    config = section("rl", RLConfig)
     chat = section("samples", SamplesConfig).chat
-    set_threads(stage.threads)
+    set_threads(config.threads)
     started = time.monotonic()
-    records = [r for d in stage.datasets for r in load_records(Path("data/records") / d / "train.jsonl")]
-    prompts = rl_prompts(records, chat, stage.max_prompts_per_dataset, stage.seed)
+    records = [r for d in config.datasets for r in load_records(Path("data/records") / d / "train.jsonl")]
+    prompts = rl_prompts(records, chat, config.max_prompts_per_dataset, config.seed)
     policy, tokenizer = load_saved(SFT, trainable=True, dtype="float32")
     lengths = prompt_lengths(tokenizer, prompts)
-    fitting = [p for p, n in zip(prompts, lengths, strict=True) if n <= stage.max_prompt_length]
+    fitting = [p for p, n in zip(prompts, lengths, strict=True) if n <= config.max_prompt_length]
     if not fitting:
-        raise ConfigError(f"no RL prompt fits rl.max_prompt_length={stage.max_prompt_length}")
+        raise ConfigError(f"no RL prompt fits rl.max_prompt_length={config.max_prompt_length}")
     reward_model, _ = load_reward_model(RM)
     identity = {
-        "rl": stage,
+        "rl": config,
         "chat": chat,
         "prompts": [p["id"] for p in fitting],
         "sft": file_digest(SFT),

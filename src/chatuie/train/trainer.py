@@ -252,11 +252,10 @@ def sft_config(settings: TeachSettings, output_dir: str | Path, *, has_eval: boo
     from trl import SFTConfig
 
     save = settings.save_steps > 0
+    base = settings.trainer_kwargs(output_dir)
     kwargs: dict[str, Any] = {
-        **settings.trainer_kwargs(output_dir),
-        "per_device_eval_batch_size": per_process_batch(
-            settings.per_device_batch_size, settings.gradient_accumulation
-        )[0],
+        **base,
+        "per_device_eval_batch_size": base["per_device_train_batch_size"],
         "save_strategy": "steps" if save else "no",
         "save_steps": settings.save_steps if save else 500,
         "save_total_limit": settings.save_total_limit,
