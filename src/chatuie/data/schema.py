@@ -17,7 +17,7 @@ from chatuie.data.prompts import (
     instruction_schemas,
 )
 from chatuie.data.records import Record, Schema
-from chatuie.data.text import not_utf8, text_problem
+from chatuie.data.text import read_utf8, text_problem
 from chatuie.errors import ExtractError
 
 MAX_LABEL_CHARS = 100
@@ -61,14 +61,7 @@ class ExtractionSchema:
     @classmethod
     def load(cls, path: str | Path) -> ExtractionSchema:
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise SchemaError(f"{path}: cannot read schema file: {err.strerror or err}") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise SchemaError(not_utf8(path, data, err)) from None
+        text = read_utf8(path, SchemaError, "cannot read schema file")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:

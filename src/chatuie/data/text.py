@@ -41,3 +41,16 @@ def not_utf8(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
     line = data.count(b"\n", 0, err.start) + 1
     column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
     return f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte {column} of the line)"
+
+
+def read_utf8(path: Path, error: type[ExtractError], unreadable: str = "cannot read") -> str:
+    """The text of ``path``; ``error`` (an :class:`ExtractError`) names the file when it cannot be
+    read (``<path>: <unreadable>: <why>``) or is not UTF-8 (``<path>:<line>: not UTF-8 ...``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: {unreadable}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(not_utf8(path, data, err)) from None

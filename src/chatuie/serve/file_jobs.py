@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatuie.data.schema import ExtractionSchema
-from chatuie.data.text import check_text, not_utf8
+from chatuie.data.text import check_text, read_utf8
 from chatuie.errors import ExtractError
 from chatuie.progress import Progress
 from chatuie.serve.extractor import Extractor
@@ -35,14 +35,7 @@ def read_inputs(path: str | Path) -> list[InputItem]:
     """Every input of a JSONL (``{"text": ..., "id"?: ...}`` per line) or plain-text file (one
     text per line), all validated before anything runs. Default ids are line numbers."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ExtractError(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        raw = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ExtractError(not_utf8(path, data, err)) from None
+    raw = read_utf8(path, ExtractError)
     plain = path.suffix == ".txt"
     items: list[InputItem] = []
     seen: dict[str, int] = {}
