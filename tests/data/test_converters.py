@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from conftest import FIXTURES
 from chatuie.data.converters import ceval, conll04, fewfc, resume, webqa
 from chatuie.data.prepare import PrepareConfig, convert_all, record_counts
 from chatuie.data.records import ConversionError, Record
+from tests.helpers.pipeline_repo import stage_process
 
 BAD = FIXTURES / "bad"
 
@@ -134,14 +133,7 @@ def test_prepare_stage_fails_cleanly_and_writes_nothing(
     shutil.copytree(FIXTURES / "raw", tmp_path / "data" / "raw")
     shutil.copy(BAD / bad_file, tmp_path / "data" / "raw" / "resume_ner" / "dev.char.bmes")
     (tmp_path / "params.yaml").write_text("prepare:\n  webqa_test_size: 1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.prepare"],
-        cwd=tmp_path,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = stage_process("prepare", tmp_path, env=subprocess_env, timeout=120)
     assert proc.returncode == 1
     assert "resume_ner/dev.char.bmes:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "records").exists()
@@ -151,14 +143,7 @@ def test_prepare_stage_fails_cleanly_and_writes_nothing(
 def test_prepare_stage_on_fixtures(tmp_path: Path, subprocess_env) -> None:
     shutil.copytree(FIXTURES / "raw", tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("prepare:\n  webqa_test_size: 1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.prepare"],
-        cwd=tmp_path,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = stage_process("prepare", tmp_path, env=subprocess_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     written = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "data" / "records").rglob("*"))
     assert "data/records/resume/train.jsonl" in written
@@ -168,13 +153,6 @@ def test_prepare_stage_on_fixtures(tmp_path: Path, subprocess_env) -> None:
 def test_unknown_param_is_named(tmp_path: Path, subprocess_env) -> None:
     shutil.copytree(FIXTURES / "raw", tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("prepare:\n  webqa_test_sise: 1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.prepare"],
-        cwd=tmp_path,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = stage_process("prepare", tmp_path, env=subprocess_env, timeout=120)
     assert proc.returncode == 1
     assert "params.yaml: prepare.webqa_test_sise: unknown key" in proc.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from chatuie.data.converters.formats import DeclaredDataset, FormatOptions, conv
 from chatuie.data.prepare import PrepareConfig, check_zero_shot
 from chatuie.data.records import ConversionError, Record
 from chatuie.data.validation import ValidateConfig, record_tables, run_suites
+from tests.helpers.pipeline_repo import stage_process
 
 FORMATS_DIR = FIXTURES / "formats"
 
@@ -624,14 +624,7 @@ def test_default_task() -> None:
 
 def _prepare(tmp_path: Path, env: dict, params: str) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.prepare"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return stage_process("prepare", tmp_path, env=env, timeout=120)
 
 
 PARAMS = """prepare:

@@ -14,6 +14,7 @@ import pytest
 
 from chatuie.eval.charts import PALETTE, bar_chart, line_chart
 from chatuie.eval.report import ReportConfig, ReportError, build_report, write_report
+from tests.helpers.pipeline_repo import stage_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,35 +249,17 @@ def test_report_stage_runs_from_params(tmp_path: Path) -> None:
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "sft.json").write_text(json.dumps(metrics_of(1.0, ceval=30.0, webqa=10.0)))
     (tmp_path / "params.yaml").write_text("report:\n  title: Smoke run\n  zero_shot: []\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    run = subprocess.run(
-        [sys.executable, "-m", "tasks.report"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # stage_process adds the repository
+    run = stage_process("report", tmp_path, env=env)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "reports" / "report.md").read_text(encoding="utf-8").startswith("# Smoke run")
     assert (tmp_path / "reports" / "report.html").exists()
 
     (tmp_path / "params.yaml").write_text("report:\n  titel: typo\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "tasks.report"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    run = stage_process("report", tmp_path, env=env)
     assert run.returncode == 1 and "params.yaml: report.titel: unknown key" in run.stderr
 
     (tmp_path / "params.yaml").write_text("prepare: {}\n")  # no report section: the defaults
     (tmp_path / "metrics" / "sft.json").unlink()
-    run = subprocess.run(
-        [sys.executable, "-m", "tasks.report"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    run = stage_process("report", tmp_path, env=env)
     assert run.returncode == 1 and "run the evaluate stage first" in run.stderr

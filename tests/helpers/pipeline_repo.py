@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +60,24 @@ def tool_env(*, clean: bool = False, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
+
+
+def stage_process(
+    stage: str, cwd: Path, *args: str, env: Mapping[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``python -m tasks.<stage> args`` in ``cwd`` (a temp project without tasks/ of its own), as it
+    ended: the caller checks its exit status. ``env``: the environment (default :func:`tool_env`);
+    this repository goes on its PYTHONPATH, so the stage module is found from any folder."""
+    env = dict(tool_env() if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", f"tasks.{stage}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 900):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from chatuie.data.prepare import PrepareConfig, convert_all, write_records
 from chatuie.data.prompts import ChatOptions, build_samples
 from chatuie.data.records import Record
 from chatuie.models.modeling import TinyModelConfig, build_tiny_model, chat_texts, save_model, train_tokenizer
+from tests.helpers.pipeline_repo import stage_process
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -86,16 +86,7 @@ def run_stage(
     root: Path, stage: str, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """``python -m tasks.<stage>`` in the project ``root`` (a temp folder): it must succeed."""
-    env = dict(env or os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", f"tasks.{stage}", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = stage_process(stage, root, *args, env=env or dict(os.environ))
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
