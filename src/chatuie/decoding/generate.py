@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from chatuie.decoding.grammar import IEGrammar, IERequest, _before_quote, _decode_answer, ie_grammar
 from chatuie.decoding.masks import _Allowed, _id_tensor
 from chatuie.decoding.tokens import TokenTable, _as_id_list, token_table
+from chatuie.progress import Progress
 
 
 class _Row:
@@ -260,12 +262,19 @@ class IEConstraintProcessor(LogitsProcessor):
             return None
         return _id_tensor(sorted(ids), device, vocab)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def allowed_ids(
+        self, input_ids: torch.Tensor, rows: Sequence[int] | None = None, *, vocab: int
+    ) -> list[torch.Tensor]:
+        """The token ids each row (of ``rows``, default all) may take next, given the sequences so
+        far (prompt and answer, every row of the batch); ids of ``vocab`` or more are left out."""
         generated = self._catch_up(input_ids)
         assert self._rows is not None
-        vocab = scores.shape[-1]
+        picked = self._rows if rows is None else [self._rows[i] for i in rows]
+        return [self._row_ids(row, generated, input_ids.device, vocab) for row in picked]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = self.allowed_ids(input_ids, vocab=scores.shape[-1])
         device = scores.device
-        allowed = [self._row_ids(row, generated, device, vocab) for row in self._rows]
         out = torch.full_like(scores, float("-inf"))
         if len(allowed) == 1:
             out[0, allowed[0]] = scores[0, allowed[0]]
@@ -330,6 +339,15 @@ class AnswerRepetitionPenalty(LogitsProcessor):
         )
         self._masks: dict[tuple[torch.device, int], torch.Tensor] = {}  # text-token mask per (device, vocab)
 
+    def _text_mask(self, device: torch.device, vocab: int) -> torch.Tensor:
+        text = self._masks.get((device, vocab))
+        if text is None:  # built once: the logits' width can exceed the tokenizer's (padded heads)
+            text = torch.zeros(vocab, dtype=torch.bool, device=device)
+            known = min(vocab, len(self._text))
+            text[:known] = self._text[:known].to(device)
+            self._masks[(device, vocab)] = text
+        return text
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
@@ -337,21 +355,38 @@ class AnswerRepetitionPenalty(LogitsProcessor):
         if self.penalty == 1.0 or answer.shape[1] == 0:
             return scores
         vocab = scores.shape[-1]
-        text = self._masks.get((scores.device, vocab))
-        if text is None:  # built once: the logits' width can exceed the tokenizer's (padded heads)
-            text = torch.zeros(vocab, dtype=torch.bool, device=scores.device)
-            known = min(vocab, len(self._text))
-            text[:known] = self._text[:known].to(scores.device)
-            self._masks[(scores.device, vocab)] = text
         seen = torch.zeros_like(scores, dtype=torch.bool)
         seen.scatter_(1, answer.clamp(0, vocab - 1), True)
-        seen &= text
+        seen &= self._text_mask(scores.device, vocab)
+        return self._penalise(scores, seen)
+
+    def on_columns(
+        self, scores: torch.Tensor, ids: torch.Tensor | None, sequences: torch.Tensor, rows: Sequence[int]
+    ) -> torch.Tensor:
+        """The same penalty where ``scores``' columns are the token ids ``ids`` (``None``: the
+        whole vocabulary) and its rows are ``sequences[rows]`` (the decoding loop's view)."""
+        if ids is None:
+            return self(sequences[list(rows)], scores)
+        if self.prompt_length is None:
+            self.prompt_length = sequences.shape[1]
+        answer = sequences[list(rows), self.prompt_length :]
+        if self.penalty == 1.0 or answer.shape[1] == 0:
+            return scores
+        seen = (answer[:, :, None] == ids[None, None, :]).any(dim=1)
+        text = self._text_mask(scores.device, len(self._text))
+        seen &= (ids < len(text)) & text[ids.clamp(max=len(text) - 1)]
+        return self._penalise(scores, seen)
+
+    def _penalise(self, scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
         return torch.where(seen, penalised, scores)
 
 
 # --------------------------------------------------------------------------------------------
 # Generation helper
+
+
+ENGINES = ("chatuie", "transformers")
 
 
 def constrained_generate(
@@ -370,6 +405,8 @@ def constrained_generate(
     add_special_tokens: bool = False,
     allow_leading_space: bool = False,
     repetition_penalty: float = 1.0,
+    engine: str = "chatuie",
+    progress: Progress | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Generate one constrained answer per prompt (valid JSON, grounded spans).
@@ -377,9 +414,25 @@ def constrained_generate(
     ``prompts`` are full model inputs (e.g. a chat template rendered with the generation
     prompt); they are left-padded in batches of ``batch_size``. ``repetition_penalty`` is
     :class:`AnswerRepetitionPenalty`'s (1 = none).
+
+    ``engine="chatuie"`` decodes with :func:`chatuie.decoding.loop.decode` (the head over the
+    allowed tokens only) where the model supports it, else, and with ``engine="transformers"``,
+    with ``model.generate`` and the constraint as a logits processor (``generate_kwargs`` go
+    there). ``progress`` counts prompts as their batches finish.
     """
     if len(prompts) != len(requests):
         raise ValueError(f"{len(prompts)} prompts for {len(requests)} requests")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from chatuie.decoding.loop import (
+        PrefixCache,
+        Sampler,
+        decode,
+        shared_prefix_length,
+        supports_allowed_head,
+    )
+
+    use_loop = engine == "chatuie" and not generate_kwargs and supports_allowed_head(model)
     table = token_table(tokenizer)
     eos = set(table.eos_ids) | set(_as_id_list(getattr(model.generation_config, "eos_token_id", None)))
     if not eos:
@@ -390,6 +443,8 @@ def constrained_generate(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     device = next(model.parameters()).device
+    head_vocab = model.get_output_embeddings().weight.shape[0] if use_loop else 0
+    prefix_cache = PrefixCache()
     answers: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -401,33 +456,52 @@ def constrained_generate(
                 padding=True,
                 add_special_tokens=add_special_tokens,
             ).to(device)
+            prompt_length = encoded["input_ids"].shape[1]
             processor = IEConstraintProcessor(
                 tokenizer,
                 batch_requests,
-                prompt_length=encoded["input_ids"].shape[1],
+                prompt_length=prompt_length,
                 max_new_tokens=max_new_tokens if budget_aware else None,
                 eos_token_ids=eos,
                 table=table,
                 allow_leading_space=allow_leading_space,
             )
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": max_new_tokens,
-                "do_sample": do_sample,
-                "pad_token_id": pad_id,
-                "eos_token_id": sorted(eos),
-                "logits_processor": LogitsProcessorList(
-                    [
-                        *answer_penalty(repetition_penalty, table, encoded["input_ids"].shape[1]),
-                        processor,
-                    ]
-                ),
-            }
-            if do_sample:
-                kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
-            kwargs.update(generate_kwargs)
-            with torch.no_grad():
-                sequences = model.generate(**encoded, **kwargs)
+            penalty = answer_penalty(repetition_penalty, table, prompt_length)
+            if use_loop:
+                sequences = decode(
+                    model,
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    functools.partial(processor.allowed_ids, vocab=head_vocab),
+                    max_new_tokens=max_new_tokens,
+                    eos_ids=sorted(eos),
+                    pad_id=pad_id,
+                    sampler=Sampler(do_sample, temperature, top_k, top_p),
+                    adjust=penalty[0].on_columns if penalty else None,
+                    prefix_length=shared_prefix_length(
+                        [
+                            ids[mask.bool()].tolist()
+                            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+                        ]
+                    ),
+                    prefix_cache=prefix_cache,
+                )
+            else:
+                kwargs: dict[str, Any] = {
+                    "max_new_tokens": max_new_tokens,
+                    "do_sample": do_sample,
+                    "pad_token_id": pad_id,
+                    "eos_token_id": sorted(eos),
+                    "logits_processor": LogitsProcessorList([*penalty, processor]),
+                }
+                if do_sample:
+                    kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+                kwargs.update(generate_kwargs)
+                with torch.no_grad():
+                    sequences = model.generate(**encoded, **kwargs)
             answers.extend(processor.finalize(sequences))
+            if progress is not None:
+                progress.update(len(batch_prompts))
     finally:
         tokenizer.padding_side = saved_side
         if saved_pad is None:
