@@ -15,7 +15,6 @@ RAW = ROOT / "data" / "raw"
 VENV_BIN = Path(sys.executable).parent
 
 
-
 @pytest.fixture(scope="session")
 def raw_dir() -> Path:
     if not (RAW / "resume_ner" / "train.char.bmes").exists():

@@ -81,7 +81,6 @@ def test_every_default_is_in_its_range() -> None:
     assert wrong == []
 
 
-
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [

@@ -34,9 +34,7 @@ def test_bad_constraint_modes_name_the_field(section: dict, where: str) -> None:
         build(EvaluateStageConfig, section, "evaluate")
 
 
-@pytest.mark.parametrize(
-    "text, value", [("5e-05", 5e-05), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5e1", 5.0)]
-)
+@pytest.mark.parametrize("text, value", [("5e-05", 5e-05), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5e1", 5.0)])
 def test_exponent_floats_written_by_dvc_are_floats(tmp_path, text: str, value: float) -> None:
     # `dvc exp run -S rl.grpo.learning_rate=5e-5` writes 5e-05, which PyYAML reads as a string
     from chatuie.rl.config import RLConfig

@@ -89,5 +89,3 @@ def run_stage(
     proc = stage_process(stage, root, *args, env=env or dict(os.environ))
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-

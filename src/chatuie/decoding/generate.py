@@ -428,7 +428,6 @@ def constrained_generate(
         PrefixCache,
         Sampler,
         decode,
-        shared_prefix_length,
         supports_allowed_head,
     )
 
@@ -478,7 +477,7 @@ def constrained_generate(
                     pad_id=pad_id,
                     sampler=Sampler(do_sample, temperature, top_k, top_p),
                     adjust=penalty[0].on_columns if penalty else None,
-                    prefix_length=shared_prefix_length(
+                    prefix_length=prefix_cache.prefix_length(
                         [
                             ids[mask.bool()].tolist()
                             for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)

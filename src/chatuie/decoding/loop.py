@@ -104,6 +104,17 @@ class PrefixCache:
         self.ids: tuple[int, ...] = ()
         self.cache: Any = None
 
+    def prefix_length(self, prompts: Sequence[Sequence[int]]) -> int:
+        """The prefix to share in a batch of ``prompts``: the cached one where every prompt starts
+        with it (no second prefill), else what they all share (:func:`shared_prefix_length`)."""
+        length = shared_prefix_length(prompts)
+        cached = len(self.ids)
+        if 0 < cached <= min(len(p) for p in prompts) - 1 and all(
+            tuple(p[:cached]) == self.ids for p in prompts
+        ):
+            return cached
+        return length
+
     def for_rows(self, decoder: Any, config: Any, prefix: torch.Tensor, pads: list[int]) -> Any:
         """A cache of ``len(prefix)`` slots per row: row ``r`` holds ``pads[r]`` empty (masked)
         slots, then the first ``len(prefix) - pads[r]`` prefix tokens' keys and values: the

@@ -32,7 +32,7 @@ from chatuie.data.prompts import (
 )
 from chatuie.data.records import Record, Schema
 from chatuie.eval.metrics import HEADLINE, IEScorer, char_rouge1_f1, exact_match
-from chatuie.progress import track
+from chatuie.progress import Progress, track
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,14 @@ def _prompt(tokenizer, user: str, chat: ChatOptions) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _length_order(tokenizer, prompts: list[str]) -> list[int]:
-    """Indices of ``prompts``, longest (in tokens) first; ties keep their order."""
+def _length_order(tokenizer, prompts: list[str], groups: list[str] | None = None) -> list[int]:
+    """Indices of ``prompts``, by group (prompts of one instruction schema begin alike: a batch
+    of them prefills that beginning once), then longest (in tokens) first; ties keep their order."""
     if not prompts:
         return []
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    return sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    group = groups or [""] * len(prompts)
+    return sorted(range(len(prompts)), key=lambda i: (group[i], -lengths[i]))
 
 
 def _starts(count: int, size: int, desc: str, unit: str = "record") -> Iterator[int]:
@@ -189,7 +191,7 @@ def evaluate_ie(
     # Longest prompts first, so each batch holds prompts of about one length (little padding: the
     # prefill and every decode step cost per padded position); answers go back to job order.
     prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s, chat), chat) for r, s in jobs]
-    order = _length_order(tokenizer, prompts)
+    order = _length_order(tokenizer, prompts, groups=[json.dumps(asdict(s), sort_keys=True) for _, s in jobs])
     by_length = [jobs[i] for i in order]
     prompts = [prompts[i] for i in order]
     if constrained:
@@ -199,18 +201,16 @@ def evaluate_ie(
             IERequest(task=task, text=r.text, schema=s, span_boundaries=settings.span_boundaries)
             for r, s in by_length
         ]
-        answers = []
-        for start in _starts(len(prompts), settings.batch_size, f"{records[0].dataset} constrained"):
-            answers.extend(
-                constrained_generate(
-                    model,
-                    tokenizer,
-                    prompts[start : start + settings.batch_size],
-                    requests[start : start + settings.batch_size],
-                    max_new_tokens=settings.max_new_tokens,
-                    batch_size=settings.batch_size,
-                    repetition_penalty=settings.repetition_penalty,
-                )
+        with Progress(f"evaluate {records[0].dataset} constrained", len(prompts), unit="record") as shown:
+            answers = constrained_generate(
+                model,
+                tokenizer,
+                prompts,
+                requests,
+                max_new_tokens=settings.max_new_tokens,
+                batch_size=settings.batch_size,
+                repetition_penalty=settings.repetition_penalty,
+                progress=shown,
             )
     else:
         answers = []

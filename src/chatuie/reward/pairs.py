@@ -180,24 +180,21 @@ def sample_answers(
         request = IERequest(task=inst.record.task, text=inst.record.text, schema=inst.schema)
         prompts.extend([prompt] * k)
         requests.extend([request] * k)
-    answers: list[str] = []
-    size = settings.batch_size
     shown = Progress("reward_data: sampled answers", len(prompts), unit="answer")
     with torch.random.fork_rng(devices=[]), shown:
         torch.manual_seed(settings.seed)
-        for start in range(0, len(prompts), size):  # batch by batch: the same draws as one call
-            answers += constrained_generate(
-                model,
-                tokenizer,
-                prompts[start : start + size],
-                requests[start : start + size],
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=True,
-                temperature=settings.temperature,
-                top_k=settings.top_k,
-                batch_size=size,
-            )
-            shown.update(len(prompts[start : start + size]))
+        answers = constrained_generate(
+            model,
+            tokenizer,
+            prompts,
+            requests,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=True,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            batch_size=settings.batch_size,
+            progress=shown,
+        )
     return [answers[i * k : (i + 1) * k] for i in range(len(jobs))]
 
 

@@ -47,7 +47,7 @@ from chatuie.data.records import Schema
 from chatuie.data.schema import ExtractionSchema
 from chatuie.data.text import check_text
 from chatuie.errors import ExtractError, printable
-from chatuie.progress import track
+from chatuie.progress import Progress
 from chatuie.serve.model_refs import load_model_dir, model_fingerprint, resolve_model_ref
 from chatuie.serve.windows import (
     MIN_WINDOW_TOKENS,
@@ -199,8 +199,11 @@ class Extractor:
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def generate_answers(self, prompts: list[str], requests: list[Any], batch_size: int) -> list[str]:
-        """Constrained answers for prompts (the seam tests replace with a scripted model)."""
+    def generate_answers(
+        self, prompts: list[str], requests: list[Any], batch_size: int, progress: Progress | None = None
+    ) -> list[str]:
+        """Constrained answers for prompts, in batches of ``batch_size`` (the seam tests replace
+        with a scripted model)."""
         from chatuie.decoding import constrained_generate
 
         return constrained_generate(
@@ -211,6 +214,7 @@ class Extractor:
             max_new_tokens=self.settings.max_new_tokens,
             batch_size=batch_size,
             repetition_penalty=self.settings.repetition_penalty,
+            progress=progress,
         )
 
     def extract(self, text: str, schema: ExtractionSchema) -> dict[str, Any]:
@@ -241,20 +245,10 @@ class Extractor:
         size = batch_size or self.settings.batch_size
         sorted_prompts = [prompts[i] for i in order]
         requests = [IERequest(task=jobs[i].task, text=jobs[i].text, schema=jobs[i].schema) for i in order]
-        if len(jobs) <= size:
-            answers_sorted = self.generate_answers(sorted_prompts, requests, size)
-        else:  # several batches (a long text's windows): decoded batch by batch, with progress
-            answers_sorted = []
-            for start in track(
-                range(0, len(jobs), size),
-                "extract: windows",
-                total=len(jobs),
-                unit="window",
-                weight=lambda s: min(size, len(jobs) - s),
-            ):
-                answers_sorted += self.generate_answers(
-                    sorted_prompts[start : start + size], requests[start : start + size], size
-                )
+        # A long text's windows take several batches: progress counts windows as they finish.
+        mode = None if len(jobs) > size else "off"
+        with Progress("extract: windows", len(jobs), unit="window", mode=mode) as shown:
+            answers_sorted = self.generate_answers(sorted_prompts, requests, size, progress=shown)
         answers = [""] * len(jobs)
         for i, answer in zip(order, answers_sorted, strict=True):
             answers[i] = answer

@@ -158,9 +158,7 @@ def merge_windows(parts: Iterable[tuple[int, dict[str, Any]]]) -> dict[str, Any]
     }
 
 
-def apply_relation_types(
-    grounded: dict[str, Any], relation_types: dict[str, RelationType]
-) -> dict[str, Any]:
+def apply_relation_types(grounded: dict[str, Any], relation_types: dict[str, RelationType]) -> dict[str, Any]:
     """Enforce declared head/tail entity types: a relation whose argument was recognised as an
     entity of another type is dropped; an untyped argument takes the declared type."""
     from dataclasses import replace
