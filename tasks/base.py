@@ -33,7 +33,6 @@ from tasks._stage import record_precision, run, section, set_threads
 OUT = Path("models/base")
 
 
-
 def main() -> None:
     model_config = section("model", ModelConfig)
     config = section("base", BaseStageConfig)

@@ -61,8 +61,6 @@ def _config_class(section: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-
-
 def check(params_path: Path) -> list[str]:
     """Every mistake in the params file, one message each (empty: all sections build)."""
     errors = [blame(e, params_path) for e in _check(params_path)]

@@ -33,7 +33,6 @@ from tasks._stage import record_precision, run, section, set_threads
 IE_TEST = {"resume": "test", "conll04": "test", "fewfc": "test"}
 
 
-
 def main() -> None:
     name = sys.argv[1]
     config = section("evaluate", EvaluateStageConfig)
@@ -60,9 +59,11 @@ def main() -> None:
             path = Path("data/records") / dataset / f"{IE_TEST.get(dataset, 'test')}.jsonl"
             if not path.exists():
                 raise ConfigError(f"params.yaml: evaluate.{key}: {dataset!r} has no test records ({path})")
-            results = evaluate_dataset(
-                model, tokenizer, load_records(path), chat, settings, modes
-            )
+            records = load_records(path)
+            results = {}
+            for mode in modes:  # full split or seeded sample, per mode (evaluate.full_split_modes)
+                mode_settings = replace(config.settings_for(name, mode), dtype=dtype)
+                results.update(evaluate_dataset(model, tokenizer, records, chat, mode_settings, [mode]))
             for mode, (result, rows, predictions) in results.items():
                 metrics[key].setdefault(dataset, {})[mode] = result
                 label_rows.extend({"dataset": dataset, "mode": mode, **row} for row in rows)
@@ -82,7 +83,7 @@ def main() -> None:
         ),
         "webqa_rouge1": metrics["chat"]["webqa"]["rouge1_char_f1"],
         "ceval_accuracy": metrics["chat"]["ceval"]["accuracy"],
-        "eval_protocol": protocol_digest(config.datasets, modes, settings),
+        "eval_protocol": protocol_digest(config.datasets, modes, settings, config.full_split_modes.get(name)),
     }
     for dataset in config.zero_shot:
         for mode in modes:

@@ -36,7 +36,6 @@ OUT = Path("models/rl")
 CHECKPOINTS = Path("models/checkpoints/rl")
 
 
-
 def train() -> None:
     config = section("rl", RLConfig)
     chat = section("samples", SamplesConfig).chat

@@ -28,7 +28,6 @@ from tasks._stage import record_precision, run, section, set_threads
 OUT = Path("models/rm")
 
 
-
 def main() -> None:
     config = section("rm", RMStageConfig)
     set_threads(config.threads)

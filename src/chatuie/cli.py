@@ -274,7 +274,9 @@ def evaluate(
 
         source = getattr(loaded, "name_or_path", None) or getattr(loaded.config, "_name_or_path", None)
         chat = prompt_options_for(source, params)
-        results = evaluate_dataset(loaded, tokenizer, records, chat, settings, modes)
+        from chatuie.models.modeling import merge_lora
+
+        results = evaluate_dataset(merge_lora(loaded), tokenizer, records, chat, settings, modes)
     except ChatuieError as err:
         _fail(err)
     metrics = {spec.name: {m: result for m, (result, _, _) in results.items()}}

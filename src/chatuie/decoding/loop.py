@@ -157,7 +157,7 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: a decode step is a few hundred small ops
 def decode(
     model: Any,
     input_ids: torch.Tensor,
@@ -216,6 +216,11 @@ def decode(
             use_cache=True,
         ).last_hidden_state[:, -1]
         position = position[:, -1:]
+        if cache.get_seq_length() == 0:
+            raise RuntimeError(
+                "the model kept no KV cache (gradient checkpointing in training mode drops it): "
+                "decode with the model in eval mode, or with gradient checkpointing off"
+            )
         choices = allowed(sequences, active)
         ids = torch.cat(choices).unique()  # sorted: ties go to the lower id, as in a full argmax
         if len(ids) > head.full_above:

@@ -15,7 +15,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -68,16 +68,24 @@ class EvalSettings:
 PROTOCOL_VERSION = 5
 
 
-def protocol_digest(datasets: list[str], constraint_modes: list[str], settings: EvalSettings) -> str:
+def protocol_digest(
+    datasets: list[str],
+    constraint_modes: list[str],
+    settings: EvalSettings,
+    full_split_modes: list[str] | None = None,
+) -> str:
     """A short digest of what decides the scores (datasets, modes, records, decoding, the protocol
     version): two models' metrics are comparable only under the same digest (the promotion gate
-    checks it)."""
+    checks it). ``full_split_modes``: the modes scored on whole test splits, whatever
+    ``settings.max_records_per_dataset`` says."""
     described = {
         "datasets": datasets,
         "constraint_modes": constraint_modes,
         **asdict(settings),
         "protocol_version": PROTOCOL_VERSION,
     }
+    if full_split_modes:  # absent when unused: digests made before the setting existed still match
+        described["full_split_modes"] = sorted(full_split_modes)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -378,12 +386,22 @@ class EvaluateStageConfig:
     # Per model, modes instead of constraint_modes (the first is the headline): the ablation where
     # it is read, e.g. {base: [constrained], rl: [constrained]} evaluates "free" on sft alone.
     model_constraint_modes: dict[str, list[str]] = field(default_factory=dict)
+    # Per model, the modes scored on the whole test splits (the paper's protocol); the others on
+    # settings.max_records_per_dataset seeded records, e.g. {sft: [constrained], rl: [constrained]}.
+    full_split_modes: dict[str, list[str]] = field(default_factory=dict)
     threads: int = 0
 
     def __post_init__(self) -> None:
         both = sorted(set(self.datasets) & set(self.zero_shot))
         if both:
             raise ConfigError(f"params.yaml: evaluate.zero_shot: {both[0]!r} is also in evaluate.datasets")
+        for model, modes in self.full_split_modes.items():
+            unknown = sorted(set(modes) - {"constrained", "free"})
+            if unknown:
+                raise ConfigError(
+                    f"params.yaml: evaluate.full_split_modes.{model}: {unknown[0]!r}; "
+                    "expected 'constrained' / 'free'"
+                )
         for model, modes in {"": self.constraint_modes, **self.model_constraint_modes}.items():
             where = "constraint_modes" if not model else f"model_constraint_modes.{model}"
             unknown = sorted(set(modes) - {"constrained", "free"})
@@ -396,3 +414,10 @@ class EvaluateStageConfig:
     def modes_for(self, model: str) -> list[str]:
         """The constraint modes ``model`` is evaluated in; the first is its headline."""
         return self.model_constraint_modes.get(model, self.constraint_modes)
+
+    def settings_for(self, model: str, mode: str) -> EvalSettings:
+        """The settings ``model`` is scored with in ``mode``: whole test splits where
+        ``full_split_modes`` says so, else the seeded sample of ``settings``."""
+        if mode in self.full_split_modes.get(model, []):
+            return replace(self.settings, max_records_per_dataset=0)
+        return self.settings

@@ -151,6 +151,12 @@ def _chat_ready_tokenizer(tokenizer) -> None:
     tokenizer.padding_side = "left"
 
 
+def assemble_gguf(name: str, path: str | Path) -> Path:
+    """The packaged GGUF itself, assembled at ``path`` (sha256-checked by its package): for engines
+    that read GGUF (llama.cpp)."""
+    return _module(_spec(name)).assemble(Path(path), overwrite=True)
+
+
 def convert(name: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> Pin:
     """Assemble the packaged GGUF, dequantize it, write model + tokenizer + licenses to ``out_dir``.
 

@@ -1,11 +1,14 @@
 """Rollouts under the grounding constraint: every sampled answer is valid JSON with spans of the text.
 
-GRPO takes them through its ``rollout_func`` (:class:`ConstrainedRollout`); TRL's PPO generation
-takes no logits processor, so the policy's ``generate`` is wrapped (:class:`ConstrainedPPOGeneration`).
+GRPO takes them through its ``rollout_func`` (:class:`ConstrainedRollout`), sampled by the decoding
+loop (:mod:`chatuie.decoding.loop`, the head over the allowed tokens only). TRL's PPO generation
+takes no logits processor, so the policy's ``generate`` is wrapped (:class:`ConstrainedPPOGeneration`);
+it keeps ``generate``, since PPO's log-probs and KL need the whole head's logits at every step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -53,19 +56,34 @@ class ConstrainedRollout:
         processor = IEConstraintProcessor(
             tokenizer, requests, prompt_length=width, max_new_tokens=self.max_new_tokens, eos_token_ids=stops
         )
-        with torch.no_grad():
-            sequences = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
+        from chatuie.decoding.loop import Sampler, decode, supports_allowed_head
+
+        if supports_allowed_head(model):  # the decoding loop: the head over the allowed tokens only
+            vocab = model.get_output_embeddings().weight.shape[0]
+            sequences = decode(
+                model,
+                input_ids.to(device),
+                mask.to(device),
+                functools.partial(processor.allowed_ids, vocab=vocab),
                 max_new_tokens=self.max_new_tokens,
-                do_sample=True,
-                temperature=self.temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=pad,
-                eos_token_id=stops,
-                logits_processor=LogitsProcessorList([processor]),
+                eos_ids=stops,
+                pad_id=pad,
+                sampler=Sampler(do_sample=True, temperature=self.temperature),
             )
+        else:
+            with torch.no_grad():
+                sequences = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=True,
+                    temperature=self.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=pad,
+                    eos_token_id=stops,
+                    logits_processor=LogitsProcessorList([processor]),
+                )
         completion_ids = []
         for row in sequences[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), None)

@@ -119,7 +119,10 @@ class Extractor:
         if settings.chat is None:
             source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
             settings = dataclasses.replace(settings, chat=prompt_options_for(source))
-        extractor = cls(model, tokenizer, settings, name=name)
+        from chatuie.models.modeling import merge_lora
+
+        # LoRA folded into the weights once: every decoding step then skips the adapter's matmuls.
+        extractor = cls(merge_lora(model), tokenizer, settings, name=name)
         extractor.model_ref, extractor.model_dir = model_ref, path
         return extractor
 
