@@ -33,6 +33,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def _logging() -> None:
+    """Progress lines (chatuie.progress logs them where stderr is no terminal) reach stderr;
+    other libraries stay at warnings."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("chatuie").setLevel(logging.INFO)
+
+
 ModelOption = Annotated[
     str,
     typer.Option(
@@ -168,7 +178,7 @@ def serve(
     from chatuie.serve.server import serve as run_server
     from chatuie.serve.settings import ServerSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # the server's request log too (handler: _logging)
     try:
         _threads(threads)
         extractor = Extractor.load(model, _settings(max_new_tokens, 8, max_labels, context, overlap))

@@ -457,6 +457,38 @@ def test_cli_extract_text_and_file(model_dir: Path, schema_file: Path, tmp_path:
     assert "2 written, 0 already done" in result.stderr
 
 
+def test_cli_shows_progress_lines_without_a_terminal(
+    model_dir: Path, schema_file: Path, tmp_path: Path
+) -> None:
+    """Where stderr is a file (a job, CI), progress goes out as plain log lines, not a bar."""
+    import os
+    import subprocess
+
+    source = write_lines(
+        tmp_path / "in.jsonl", [{"id": "en", "text": EN_TEXT}, {"id": "zh", "text": ZH_TEXT}]
+    )
+    args = [
+        "extract",
+        "-s",
+        str(schema_file),
+        "-m",
+        str(model_dir),
+        "-i",
+        str(source),
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "chatuie"), *args, "--max-new-tokens", "16"],
+        env={**os.environ, "CHATUIE_PROGRESS": "plain", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"chatuie\.progress INFO extract: doc 2/2", done.stderr), done.stderr
+
+
 def test_cli_bad_input_fails_cleanly(model_dir: Path, schema_file: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "text": "ok"}\n{"id": 2, "txt": "typo"}\n', encoding="utf-8")
