@@ -196,8 +196,9 @@ def evaluate_ie(
     jobs: list[tuple[Record, Schema]] = [
         (r, schema) for r in records for schema in instruction_schemas(r, chat, train=False)
     ]
-    # Longest prompts first, so each batch holds prompts of about one length (little padding: the
-    # prefill and every decode step cost per padded position); answers go back to job order.
+    # Grouped by instruction schema (a batch shares its prompts' beginning, prefilled once), then
+    # longest first, so each batch holds prompts of about one length (little padding: the prefill
+    # and every decode step cost per padded position); answers go back to job order.
     prompts = [_prompt(tokenizer, ie_user_prompt(task, r.text, s, chat), chat) for r, s in jobs]
     order = _length_order(tokenizer, prompts, groups=[json.dumps(asdict(s), sort_keys=True) for _, s in jobs])
     by_length = [jobs[i] for i in order]
