@@ -142,24 +142,10 @@ def run_extract(model, tokenizer, texts: list[str], engine: str, batch: int) -> 
     from chatuie.data.schema import ExtractionSchema
     from chatuie.serve.extractor import Extractor
 
-    class EngineExtractor(Extractor):
-        def generate_answers(self, prompts, requests, batch_size, progress=None):
-            return constrained_generate(
-                self.model,
-                self.tokenizer,
-                prompts,
-                requests,
-                max_new_tokens=self.settings.max_new_tokens,
-                batch_size=batch_size,
-                repetition_penalty=self.settings.repetition_penalty,
-                engine=engine,
-                progress=progress,
-            )
-
     schema = ExtractionSchema.from_dict(
         {"entities": ["NAME", "CONT", "RACE", "TITLE", "EDU", "ORG", "PRO", "LOC"]}
     )
-    extractor = EngineExtractor(model, tokenizer)
+    extractor = Extractor(model, tokenizer, engine=engine)
     start = time.perf_counter()
     results = extractor.extract_many([(t, schema) for t in texts], batch_size=batch)
     seconds = time.perf_counter() - start

@@ -33,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 @app.callback()
 def _logging() -> None:
     """Progress lines (chatuie.progress logs them where stderr is no terminal) reach stderr;

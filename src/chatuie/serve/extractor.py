@@ -99,12 +99,19 @@ class Extractor:
     re-entrant)."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, settings: ExtractSettings | None = None, *, name: str = "chatuie"
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: ExtractSettings | None = None,
+        *,
+        name: str = "chatuie",
+        engine: str = "chatuie",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or ExtractSettings()
         self.name = name
+        self.engine = engine  # constrained_generate's: "transformers" is the reference path (bench)
         self._overheads: dict[str, int] = {}
         # Where the model was loaded from (Extractor.load); else its name_or_path, if a directory.
         self.model_ref: str | None = None
@@ -217,6 +224,7 @@ class Extractor:
             max_new_tokens=self.settings.max_new_tokens,
             batch_size=batch_size,
             repetition_penalty=self.settings.repetition_penalty,
+            engine=self.engine,
             progress=progress,
         )
 
