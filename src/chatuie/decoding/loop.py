@@ -5,9 +5,10 @@ but the handful of tokens the grammar allows. Gemma 3's head is 262,144 x 640, o
 decode step; here each step multiplies the hidden states by the rows of the allowed tokens alone
 (the union over the batch), which gives the same scores for those tokens. Rows that reach EOS
 leave the batch (and the KV cache) at once, instead of being padded until the longest answer
-ends. The tokens every prompt of a batch begins with (a dataset's system prompt, task and
-schema) are prefilled once; their KV cache is reused by every row and by the next batch with the
-same prefix (:class:`PrefixCache`).
+ends; the cache grows in place (:mod:`chatuie.decoding.kv_cache`), not by a copy per step. The
+tokens every prompt of a batch begins with (a dataset's system prompt, task and schema) are
+prefilled once; their KV cache is reused by every row and by the next batch with the same prefix
+(:class:`PrefixCache`).
 
 Greedy answers equal ``generate``'s with the same processor (the argmax over the same scores; a
 tie goes to the lower token id in both). Sampling draws from the same distribution (temperature,
@@ -120,11 +121,11 @@ class PrefixCache:
         slots, then the first ``len(prefix) - pads[r]`` prefix tokens' keys and values: the
         slots a left-padded batch gives them, so the window of a sliding-attention layer covers
         the same tokens as when the whole prompt is prefilled."""
-        from transformers import DynamicCache
+        from chatuie.decoding.kv_cache import in_place_cache
 
         key = tuple(prefix.tolist())
         if key != self.ids:
-            self.cache = DynamicCache(config=config)
+            self.cache = in_place_cache(config)
             decoder(
                 input_ids=prefix[None],
                 attention_mask=torch.ones_like(prefix)[None],
@@ -188,7 +189,7 @@ def decode(
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     batch = input_ids.shape[0]
 
-    from transformers import DynamicCache
+    from chatuie.decoding.kv_cache import in_place_cache
 
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -203,7 +204,7 @@ def decode(
         cache = store.for_rows(decoder, base.config, prefix, pads)
         step_input, position = input_ids[:, prefix_length:], positions[:, prefix_length:]
     else:
-        cache = DynamicCache(config=base.config)
+        cache = in_place_cache(base.config)
         step_input, position = input_ids, positions
     sequences = input_ids
     active = list(range(batch))  # batch rows still writing, in cache order
