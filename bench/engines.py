@@ -6,8 +6,11 @@ Requests are seeded samples of the Resume, CoNLL04 and FewFC test splits, posed 
 poses them (system turn, chat template; grouped by dataset, longest first). Per engine and batch
 size: records/s, answer tokens/s over the whole call, and the decode rate alone (the call's time
 less a one-token call's, which is prefill and one step). ``identical`` is the share of answers
-equal to ``transformers``'. ``--extract N``: ``Extractor.extract_many`` over the first N Resume
-test texts, per engine.
+equal to the first engine's (``--engines``; ``transformers`` by default). ``--extract N``:
+``Extractor.extract_many`` over the first N Resume test texts, per engine and batch size
+(``--extract-runs``; ``identical`` against the first of them). ``chatuie-cat-cache``
+is chatuie's loop with ``transformers``' ``DynamicCache`` (one ``torch.cat`` per layer and step)
+instead of the in-place cache (:mod:`chatuie.decoding.kv_cache`): the loop as it was before that cache.
 
     python -m bench.engines --model models/sft --out bench/results/engines_avx2.json
 
@@ -18,12 +21,14 @@ it decodes the base model's GGUF, whose dequantized weights are models/base.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +84,34 @@ def prompts_for(tokenizer: Any, records: list[Record]) -> tuple[list[str], list[
     ]
 
 
+CAT_CACHE = "chatuie-cat-cache"
+
+
+@contextlib.contextmanager
+def engine_named(engine: str) -> Iterator[str]:
+    """The ``engine=`` argument for a bench engine name (``chatuie-cat-cache``: the loop with
+    ``DynamicCache`` while inside)."""
+    if engine != CAT_CACHE:
+        yield engine
+        return
+    from transformers import DynamicCache
+
+    from chatuie.decoding import kv_cache
+
+    in_place = kv_cache.in_place_cache
+    kv_cache.in_place_cache = lambda config: DynamicCache(config=config)
+    try:
+        yield "chatuie"
+    finally:
+        kv_cache.in_place_cache = in_place
+
+
 def run_engine(model, tokenizer, jobs, engine: str, batch: int, max_new_tokens: int) -> dict[str, Any]:
+    with engine_named(engine) as name:
+        return _run_engine(model, tokenizer, jobs, name, batch, max_new_tokens)
+
+
+def _run_engine(model, tokenizer, jobs, engine: str, batch: int, max_new_tokens: int) -> dict[str, Any]:
     answers, seconds, first_token = [], 0.0, 0.0
     for prompts, requests in jobs:
         start = time.perf_counter()
@@ -145,10 +177,11 @@ def run_extract(model, tokenizer, texts: list[str], engine: str, batch: int) -> 
     schema = ExtractionSchema.from_dict(
         {"entities": ["NAME", "CONT", "RACE", "TITLE", "EDU", "ORG", "PRO", "LOC"]}
     )
-    extractor = Extractor(model, tokenizer, engine=engine)
-    start = time.perf_counter()
-    results = extractor.extract_many([(t, schema) for t in texts], batch_size=batch)
-    seconds = time.perf_counter() - start
+    with engine_named(engine) as name:
+        extractor = Extractor(model, tokenizer, engine=name)
+        start = time.perf_counter()
+        results = extractor.extract_many([(t, schema) for t in texts], batch_size=batch)
+        seconds = time.perf_counter() - start
     return {
         "records": len(texts),
         "seconds": round(seconds, 2),
@@ -169,6 +202,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extract", type=int, default=48, help="Resume test texts for extract (0: skip)")
     parser.add_argument("--engines", default="transformers,chatuie")
+    parser.add_argument(
+        "--extract-runs",
+        default="",
+        help="engine:batch pairs for extract, e.g. transformers:8,chatuie:32 (default: each engine at 16)",
+    )
     parser.add_argument("--llama-cpp", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--out", default="bench/results/engines.json")
@@ -192,11 +230,10 @@ def main() -> None:
                 + ", ".join(f"{k} {v}" for k, v in row[engine].items() if k != "answers"),
                 flush=True,
             )
-        if "transformers" in row:
-            reference = row["transformers"]["answers"]
-            for engine in engines:
-                same = sum(a == b for a, b in zip(row[engine]["answers"], reference, strict=True))
-                row[engine]["identical"] = f"{same}/{len(reference)}"
+        reference = row[engines[0]]["answers"]
+        for engine in engines:
+            same = sum(a == b for a, b in zip(row[engine]["answers"], reference, strict=True))
+            row[engine]["identical"] = f"{same}/{len(reference)}"
         for engine in engines:
             row[engine].pop("answers")
         results["batch"][str(batch)] = row
@@ -229,15 +266,17 @@ def main() -> None:
         texts = [r["text"] for r in read_jsonl(Path(args.records) / "resume" / "test.jsonl")][: args.extract]
         results["extract_resume"] = {}
         outputs = {}
-        for engine in engines:
-            run = run_extract(model, tokenizer, texts, engine, 16)
-            outputs[engine] = run.pop("results")
-            results["extract_resume"][engine] = run
-            print(f"extract {engine}: {run}", flush=True)
-        if "transformers" in outputs:
-            for engine in engines:
-                same = sum(a == b for a, b in zip(outputs[engine], outputs["transformers"], strict=True))
-                results["extract_resume"][engine]["identical"] = f"{same}/{len(texts)}"
+        runs = args.extract_runs.split(",") if args.extract_runs else [f"{e}:16" for e in engines]
+        for engine, batch in (run.split(":") for run in runs):
+            run = run_extract(model, tokenizer, texts, engine, int(batch))
+            name = f"{engine} batch {batch}"
+            outputs[name] = run.pop("results")
+            results["extract_resume"][name] = run
+            print(f"extract {name}: {run}", flush=True)
+        first = next(iter(outputs.values()))
+        for name, output in outputs.items():
+            same = sum(a == b for a, b in zip(output, first, strict=True))
+            results["extract_resume"][name]["identical"] = f"{same}/{len(texts)}"
 
     info["load_after"] = os.getloadavg()[0]
     info.update(results)
