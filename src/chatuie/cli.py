@@ -94,7 +94,7 @@ def extract(
         bool, typer.Option(help="Start the output file afresh instead of resuming.")
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Answer budget per instruction.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     max_labels: Annotated[int, typer.Option(help="Labels per instruction (0 = all in one).")] = 4,
     context: Annotated[
         int | None, typer.Option(help="Context tokens (default: the model's max_position_embeddings).")
