@@ -38,9 +38,7 @@ def promote_flow(
     if rollback:
         decision = tracking.rollback(name=name, root=repo)
     else:
-        rules = build(
-            PromotionPolicy, {**(params.get("promote") or {}), **(policy or {})}, "promote"
-        )
+        rules = build(PromotionPolicy, {**(params.get("promote") or {}), **(policy or {})}, "promote")
         decision = promote(version, rules, name=name, root=repo)
     get_run_logger().info("%s version %s -> %s: %s", name, decision.version, decision.alias, decision.reason)
     create_markdown_artifact(
