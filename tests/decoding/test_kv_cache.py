@@ -22,8 +22,7 @@ from chatuie.decoding.kv_cache import (
     in_place_cache,
 )
 from chatuie.models.modeling import load_saved
-from tests.decoding.test_loop import _jobs
-from tests.helpers.tiny_extractor import tiny_model_dir
+from tests.helpers.tiny_extractor import ie_jobs, tiny_model_dir
 
 
 def _states(generator: torch.Generator, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +87,7 @@ def test_a_sliding_window_model_decodes_as_generate_does(tmp_path: Path) -> None
     """Prompts ten times the window: sliding layers drop most of what they saw, in both paths."""
     _, tokenizer = load_saved(tiny_model_dir(tmp_path))
     model = _tiny_gemma(tokenizer, 8)
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     prompts, requests = prompts[:6], requests[:6]
     answers = {
         engine: constrained_generate(

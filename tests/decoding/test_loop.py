@@ -14,18 +14,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TopKLogitsWarper, TopPLogitsWarper
 
 from chatuie.data.answers import ground
-from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
-from chatuie.data.records import Schema
-from chatuie.decoding import IERequest, constrained_generate, loop
+from chatuie.decoding import constrained_generate, loop
 from chatuie.decoding.loop import PrefixCache, Sampler, shared_prefix_length, supports_allowed_head
 from chatuie.models.modeling import load_saved
-from tests.helpers.tiny_extractor import EN_TEXT, ZH_TEXT, tiny_model_dir
-
-SCHEMAS = {
-    "ner": Schema(entities=["Peop", "Org", "Loc"]),
-    "re": Schema(entities=["Peop", "Org", "Loc"], relations=["Work_For", "Live_In"]),
-    "ee": Schema(events={"质押": ["质押方", "质押物", "质权方"]}),
-}
+from tests.helpers.tiny_extractor import ie_jobs, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +27,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
     yield model.eval(), tokenizer
     torch.set_num_threads(threads)
-
-
-def _jobs(tokenizer) -> tuple[list[str], list[IERequest]]:
-    prompts, requests = [], []
-    for text in (EN_TEXT, ZH_TEXT, EN_TEXT[:40], ZH_TEXT[:21], f"{EN_TEXT} {ZH_TEXT}"):
-        for task, schema in SCHEMAS.items():
-            messages = [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": ie_user_prompt(task, text, schema)},
-            ]
-            prompts.append(
-                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            )
-            requests.append(IERequest(task, text, schema))
-    return prompts, requests
 
 
 @pytest.mark.parametrize(
@@ -65,7 +42,7 @@ def _jobs(tokenizer) -> tuple[list[str], list[IERequest]]:
 def test_engines_give_identical_greedy_answers(tiny, settings: dict) -> None:
     model, tokenizer = tiny
     assert supports_allowed_head(model)
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     kwargs = {"max_new_tokens": 96, **settings}
     reference = constrained_generate(model, tokenizer, prompts, requests, engine="transformers", **kwargs)
     fast = constrained_generate(model, tokenizer, prompts, requests, engine="chatuie", **kwargs)
@@ -76,7 +53,7 @@ def test_engines_give_identical_greedy_answers(tiny, settings: dict) -> None:
 
 def test_the_shared_prefix_changes_no_answer(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer = tiny
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     ner = [i for i, r in enumerate(requests) if r.task == "ner"]
     prompts, requests = [prompts[i] for i in ner], [requests[i] for i in ner]
     shared = constrained_generate(model, tokenizer, prompts, requests, max_new_tokens=64, batch_size=2)
@@ -96,7 +73,7 @@ def test_prefix_cache_is_prefilled_once_for_batches_that_share_it(
     tiny, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, tokenizer = tiny
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     ee = [i for i, r in enumerate(requests) if r.task == "ee"]
     prefills: list[int] = []
     original = PrefixCache.for_rows
@@ -115,7 +92,7 @@ def test_prefix_cache_is_prefilled_once_for_batches_that_share_it(
 
 def test_sampling_is_seeded_valid_and_grounded(tiny) -> None:
     model, tokenizer = tiny
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     draws = []
     for _ in range(2):
         torch.manual_seed(3)
@@ -162,7 +139,7 @@ def test_a_model_outside_the_plain_head_family_falls_back_to_generate(tmp_path: 
         )
     ).eval()
     assert not supports_allowed_head(gpt2)
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     answers = constrained_generate(gpt2, tokenizer, prompts[:3], requests[:3], max_new_tokens=24)
     assert answers == constrained_generate(
         gpt2, tokenizer, prompts[:3], requests[:3], max_new_tokens=24, engine="transformers"
@@ -171,6 +148,6 @@ def test_a_model_outside_the_plain_head_family_falls_back_to_generate(tmp_path: 
 
 def test_unknown_engine_is_refused(tiny) -> None:
     model, tokenizer = tiny
-    prompts, requests = _jobs(tokenizer)
+    prompts, requests = ie_jobs(tokenizer)
     with pytest.raises(ValueError, match="engine must be one of"):
         constrained_generate(model, tokenizer, prompts[:1], requests[:1], max_new_tokens=4, engine="vllm")

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
 from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
 from chatuie.data.records import Schema
+from chatuie.decoding import IERequest
 from chatuie.models.modeling import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
 
 EN_TEXT = "John Smith works for IBM in New York. Mary Jones lives in Boston, near the Charles River."
@@ -61,3 +62,26 @@ def tiny_model_dir(root: Path) -> Path:
             model.eval()
             _built["dir"] = save_model(model, tokenizer, root / "tiny-chatuie")
         return _built["dir"]
+
+
+IE_SCHEMAS = {
+    "ner": Schema(entities=["Peop", "Org", "Loc"]),
+    "re": Schema(entities=["Peop", "Org", "Loc"], relations=["Work_For", "Live_In"]),
+    "ee": Schema(events={"质押": ["质押方", "质押物", "质权方"]}),
+}
+
+
+def ie_jobs(tokenizer) -> tuple[list[str], list[IERequest]]:
+    """Chat prompts and their requests: each task on English, Chinese, short and mixed texts."""
+    prompts, requests = [], []
+    for text in (EN_TEXT, ZH_TEXT, EN_TEXT[:40], ZH_TEXT[:21], f"{EN_TEXT} {ZH_TEXT}"):
+        for task, schema in IE_SCHEMAS.items():
+            messages = [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": ie_user_prompt(task, text, schema)},
+            ]
+            prompts.append(
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+            requests.append(IERequest(task, text, schema))
+    return prompts, requests
