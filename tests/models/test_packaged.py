@@ -148,19 +148,39 @@ def test_lora_step_extract_save_reload_register(gemma_dir: Path, tmp_path: Path,
     assert _extract(downloaded, tok3) == answer
 
 
+def assert_grounded_ner(answer: str, text: str) -> None:
+    """Valid JSON, every label from SCHEMA, every span a substring of ``text``."""
+    parsed = json.loads(answer)
+    assert set(parsed) <= set(SCHEMA.entities), answer
+    for spans in parsed.values():
+        assert all(isinstance(span, str) and span in text for span in spans), answer
+
+
 def test_decoding_engines_agree_on_gemma(gemma_dir: Path) -> None:
     """The default model through the decoding loop (its head over the allowed tokens of 262,144,
-    prefix shared, rows leaving as they finish) and through ``generate``: the same answers."""
+    prefix shared, rows leaving as they finish) and through ``generate``, in the resolved dtype. In
+    float32: the same answers. In bfloat16 (where this machine computes it natively) the two paths
+    round differently (the loop multiplies only the allowed rows of the head, in other batch
+    shapes), so a near tie may go the other way: there every answer of both is valid and grounded,
+    and the share of identical answers is printed (the tiny models' tests hold identity in float32).
+    """
     from chatuie.decoding.loop import supports_allowed_head
 
+    texts = [TEXT, "Tim Cook leads Apple from Cupertino.", "张三在北京的中信证券工作。"]
+    requests = [IERequest(task="ner", text=text, schema=SCHEMA) for text in texts]
     model, tokenizer = load_saved(gemma_dir, dtype=DTYPE)
     assert supports_allowed_head(model)
-    texts = [TEXT, "Tim Cook leads Apple from Cupertino.", "张三在北京的中信证券工作。"]
     chats = [[{"role": "user", "content": USER.replace(TEXT, text)}] for text in texts]
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    requests = [IERequest(task="ner", text=text, schema=SCHEMA) for text in texts]
     answers = {
         engine: constrained_generate(model, tokenizer, prompts, requests, max_new_tokens=24, engine=engine)
         for engine in ("transformers", "chatuie")
     }
-    assert answers["chatuie"] == answers["transformers"]
+    if DTYPE == "float32":
+        assert answers["chatuie"] == answers["transformers"]
+    else:
+        for engine_answers in answers.values():
+            for answer, text in zip(engine_answers, texts, strict=True):
+                assert_grounded_ner(answer, text)
+        same = sum(a == b for a, b in zip(answers["chatuie"], answers["transformers"], strict=True))
+        print(f"{DTYPE}: {same}/{len(texts)} answers identical across the two engines")
