@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from chatuie import progress as progress_module
-from chatuie.progress import Progress, duration, rate_text, track
+from chatuie.progress import RATE_WINDOW_UPDATES, Progress, duration, rate_text, track
 
 
 @pytest.fixture()
@@ -59,3 +59,20 @@ def test_off_is_silent_and_track_weights_batches(clock, caplog):
 def test_formats():
     assert duration(45) == "45 s" and duration(58 * 60) == "58 min" and duration(7500) == "2 h 05 min"
     assert rate_text(9.2, 2, "step") == "4.6 s/step" and rate_text(1, 0, "step") == "- s/step"
+
+
+def test_rate_follows_recent_updates_so_a_pause_ages_out(clock, caplog):
+    caplog.set_level(logging.INFO, logger="chatuie.progress")
+    shown = Progress("sft", 800, interval_s=0, mode="plain")
+    for _ in range(10):
+        clock[0] += 5
+        shown.update(1)
+    clock[0] += 1800  # the process was stopped for half an hour
+    shown.update(1)
+    assert lines(caplog)[-1].startswith("sft: step 11/800 (1 %), 184.5 s/step")
+    for _ in range(RATE_WINDOW_UPDATES):
+        clock[0] += 5
+        shown.update(1)
+    assert lines(caplog)[-1] == "sft: step 31/800 (4 %), 5.0 s/step, ETA 64 min"
+    # the stage's recorded time per step is the whole run's
+    assert shown.average_seconds_per_unit() == pytest.approx((29 * 5 + 1800) / 30)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -23,6 +24,9 @@ T = TypeVar("T")
 log = logging.getLogger("chatuie.progress")
 
 DEFAULT_INTERVAL_S = 30.0
+# The rate and ETA follow the last 20 updates (sft: ~2 min of steps; evaluate: ~20 batches), so a
+# busy start, a paused process or a suspended laptop ages out instead of skewing the ETA for hours.
+RATE_WINDOW_UPDATES = 20
 
 
 def _mode() -> str:
@@ -79,8 +83,10 @@ class Progress:
         self.mode = mode or _mode()
         self.interval = _interval() if interval_s is None else interval_s
         self.started = time.monotonic()
-        self.first_at: float | None = None  # the first update's end: later rates leave out its warm-up
-        self.first_position = initial
+        # (time, position) at the end of each of the last updates; the first is the first unit's end,
+        # so rates leave out loading and other warm-up.
+        self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_UPDATES + 1)
+        self.first_mark: tuple[float, int] | None = None
         self.last_line = self.started
         self.lines = 0
         self._bar = None
@@ -94,12 +100,20 @@ class Progress:
         return self.position - self.initial
 
     def seconds_per_unit(self) -> float | None:
-        """Measured from the first unit's end once there are two (loading, a first slow step and
-        other warm-up then count for nothing), from the start before."""
+        """Over the last ``RATE_WINDOW_UPDATES`` updates once there are two (loading, a first slow
+        step and other warm-up then count for nothing), from the start before."""
         now = time.monotonic()
-        if self.done >= 2 and self.first_at is not None and self.position > self.first_position:
-            return (now - self.first_at) / (self.position - self.first_position)
+        if len(self.marks) >= 2:
+            since, position = self.marks[0]
+            return (now - since) / (self.position - position)
         return (now - self.started) / self.done if self.done > 0 else None
+
+    def average_seconds_per_unit(self) -> float | None:
+        """Over the whole run after the first unit (a stage's recorded time per step)."""
+        if self.first_mark is None or self.position == self.first_mark[1]:
+            return self.seconds_per_unit()
+        since, position = self.first_mark
+        return (time.monotonic() - since) / (self.position - position)
 
     def eta_seconds(self) -> float | None:
         per_unit = self.seconds_per_unit()
@@ -121,9 +135,10 @@ class Progress:
         return ", ".join(parts)
 
     def update(self, n: int = 1, **fields: Any) -> None:
-        if self.first_at is None and n > 0:
-            self.first_at, self.first_position = time.monotonic(), self.position + n
         self.position += n
+        if n > 0:
+            self.marks.append((time.monotonic(), self.position))
+            self.first_mark = self.first_mark or self.marks[0]
         self.fields.update({k: v for k, v in fields.items() if v is not None})
         if self._bar is not None:
             if self.fields:

@@ -134,7 +134,7 @@ class TrainingProgress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             progress, self.progress = self.progress, None
-            per_step = progress.seconds_per_unit()
+            per_step = progress.average_seconds_per_unit()
             self.seconds_per_step = None if per_step is None else round(per_step, 3)
             progress.close()
 
