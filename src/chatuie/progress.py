@@ -6,6 +6,8 @@ the first unit, so the first minute of a run already says how long it will take)
 
     sft: step 40/800 (5 %), 4.6 s/step, loss 0.41, ETA 58 min
 
+The rate and ETA follow the last 20 updates, so a paused process or a busy start ages out.
+
 ``CHATUIE_PROGRESS``: ``auto`` (default: a bar when stderr is a terminal), ``bar``, ``plain`` or
 ``off``. ``CHATUIE_PROGRESS_INTERVAL``: seconds between plain lines (default 30).
 """
