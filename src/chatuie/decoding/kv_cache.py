@@ -76,6 +76,15 @@ class _InPlace:
         self._view = self.keys
         return seen_keys, seen_values
 
+    # Both overrides reach the library layer's own method through the concrete class's MRO.
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        self._reset_buffers()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0 and not self._select_rows(indices):  # type: ignore[attr-defined]
+            super().batch_select_indices(indices)  # type: ignore[misc]
+
     def _select_rows(self, indices: torch.Tensor) -> bool:
         """Keep the buffer rows ``indices`` (with their room); ``False`` if no buffer is current."""
         if self._key_buffer is None or self.keys is not self._view:
@@ -101,14 +110,6 @@ class InPlaceLayer(_InPlace, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         return self._append(key_states, value_states)
 
-    def reset(self) -> None:
-        super().reset()
-        self._reset_buffers()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0 and not self._select_rows(indices):
-            super().batch_select_indices(indices)
-
 
 class InPlaceSlidingWindowLayer(_InPlace, DynamicSlidingWindowLayer):
     """A sliding-window layer (``DynamicSlidingWindowLayer`` without the per-step copy)."""
@@ -125,14 +126,6 @@ class InPlaceSlidingWindowLayer(_InPlace, DynamicSlidingWindowLayer):
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         return self._append(key_states, value_states)
-
-    def reset(self) -> None:
-        super().reset()
-        self._reset_buffers()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0 and not self._select_rows(indices):
-            super().batch_select_indices(indices)
 
 
 def in_place_cache(config: Any) -> DynamicCache:
