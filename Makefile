@@ -14,8 +14,10 @@ profile:
 repro:
 	dvc repro
 
+# Two workers: much of the suite waits on servers and subprocesses (tests/conftest.py keeps a
+# module, and every user of the one smoke pipeline run, on one worker, and one thread per core).
 test:
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadgroup
 
 lint:
 	ruff check .

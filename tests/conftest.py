@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -8,6 +9,29 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.helpers.workers import SMOKE_GROUP, threads_per_worker
+
+# Under pytest-xdist the workers share the cores: each (and every subprocess it starts) gets its
+# share of threads, set before torch is first imported; OpenMP threads that outnumber the cores
+# spin-wait on each other and crawl.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(threads_per_worker()))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``): a module's tests stay on one
+    worker (its module fixtures are built once), and so do all users of the one smoke pipeline run
+    (``smoke_run``, built per process), which go first: they are the suite's longest chain."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        uses_smoke = "smoke_run" in getattr(item, "fixturenames", ())
+        group = SMOKE_GROUP if uses_smoke else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: "smoke_run" not in getattr(item, "fixturenames", ()))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

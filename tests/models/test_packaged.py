@@ -22,6 +22,7 @@ from chatuie.models import packaged
 from chatuie.models.modeling import LoraSettings, ModelConfig, is_peft, load_model, load_saved, save_model
 from chatuie.models.precision import resolve_dtype
 from chatuie.train.trainer import TeachSettings, train_sft
+from tests.helpers.workers import threads_per_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
@@ -32,9 +33,10 @@ USER = f'Task: named entity recognition.\nEntity types: ["Peop", "Org", "Loc"]\n
 
 
 @pytest.fixture(scope="module", autouse=True)
-def two_threads():
+def all_cores():
+    """Gemma is worth the cores this test process may use (all of them, or its worker's share)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads_per_worker())
     yield
     torch.set_num_threads(threads)
 
