@@ -14,10 +14,10 @@ profile:
 repro:
 	dvc repro
 
-# Two workers: much of the suite waits on servers and subprocesses (tests/conftest.py keeps a
-# module, and every user of the one smoke pipeline run, on one worker, and one thread per core).
+# Two workers: much of the suite waits on servers and subprocesses. tests/conftest.py keeps each
+# module on one worker and orders the modules (no reordering by size: --no-loadscope-reorder).
 test:
-	python -m pytest -q -n 2 --dist loadgroup
+	python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 lint:
 	ruff check .

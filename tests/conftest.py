@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.workers import SMOKE_GROUP, threads_per_worker
+from tests.helpers.workers import threads_per_worker
 
 # Under pytest-xdist the workers share the cores: each (and every subprocess it starts) gets its
 # share of threads, set before torch is first imported; OpenMP threads that outnumber the cores
@@ -20,17 +20,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_name, str(threads_per_worker()))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``): a module's tests stay on one
-    worker (its module fixtures are built once), and so do all users of the one smoke pipeline run
-    (``smoke_run``, built per process), which go first: they are the suite's longest chain."""
+    """With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) a module's tests stay on one
+    worker, so its module fixtures are built once. The one smoke pipeline run is built by the first
+    worker that needs it while the other gets on with modules that do not (one smoke module goes
+    first, the rest last); the other waits for it only if it gets there first."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    uses_smoke = [module(i) for i in items if "smoke_run" in getattr(i, "fixturenames", ())]
+    rank = {name: 0 if k == 0 else 2 for k, name in enumerate(dict.fromkeys(uses_smoke))}
     for item in items:
-        uses_smoke = "smoke_run" in getattr(item, "fixturenames", ())
-        group = SMOKE_GROUP if uses_smoke else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: "smoke_run" not in getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group(module(item)))
+    items.sort(key=lambda item: rank.get(module(item), 1))
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
-"""One tracked smoke-profile pipeline run per test process, shared by test_tracking, test_registry
-and test_flows.
+"""One tracked smoke-profile pipeline run per test session, shared by test_tracking, test_registry,
+test_flows and others: built by the first process that asks (under pytest-xdist, the workers of
+one session share it through a file lock and a JSON record beside their temp folders).
 
 ``smoke(tmp_path_factory)`` builds a temporary git repo from this checkout (`make profile P=smoke`:
 the smoke profile active), commits it and runs ``dvc repro`` once (the judge's key exported, to
@@ -9,13 +10,16 @@ MLflow store), and change copies of ``Smoke.snapshot``, the repo (store included
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.helpers.pipeline_repo import make_repo, run, tool_env
@@ -81,13 +85,36 @@ def commit(repo: Path, message: str) -> str:
 def smoke(tmp_path_factory) -> Smoke:
     if "smoke" not in _cache:
         try:
-            _cache["smoke"] = _build(tmp_path_factory)
+            _cache["smoke"] = _shared_build(tmp_path_factory)
         except BaseException as err:  # one failed build fails every user, without building again
             _cache["smoke"] = err
     result = _cache["smoke"]
     if isinstance(result, BaseException):
         raise AssertionError(f"the smoke pipeline failed to build: {result}") from result
     return result
+
+
+def _shared_build(tmp_path_factory) -> Smoke:
+    """``_build`` once per session: xdist workers wait on a lock for the first one's run."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _build(tmp_path_factory)
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, above every worker's own
+    record = shared / "smoke-run.json"
+    with open(shared / "smoke-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.exists():
+            built = json.loads(record.read_text())
+            if "error" in built:
+                raise AssertionError(f"another worker's build failed: {built['error']}")
+            return Smoke(**{**built, "repo": Path(built["repo"]), "snapshot": Path(built["snapshot"])})
+        try:
+            result = _build(tmp_path_factory)
+        except BaseException as err:
+            record.write_text(json.dumps({"error": f"{type(err).__name__}: {err}"[:4000]}))
+            raise
+        paths = {"repo": str(result.repo), "snapshot": str(result.snapshot)}
+        record.write_text(json.dumps({**asdict(result), **paths}))
+        return result
 
 
 def _build(tmp_path_factory) -> Smoke:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-SMOKE_GROUP = "smoke-pipeline"  # the xdist group of every test using the smoke pipeline run
-
 
 def threads_per_worker() -> int:
     """Torch threads for one test process: the cores divided among the running workers (all of
