@@ -8,7 +8,9 @@ size: records/s, answer tokens/s over the whole call, and the decode rate alone 
 less a one-token call's, which is prefill and one step). ``identical`` is the share of answers
 equal to the first engine's (``--engines``; ``transformers`` by default). ``--extract N``:
 ``Extractor.extract_many`` over the first N Resume test texts, per engine and batch size
-(``--extract-runs``; ``identical`` against the first of them). ``chatuie-cat-cache``
+(``--extract-runs``; ``identical`` against the first of them). ``--free N``: N records per
+dataset decoded without the constraint (``evaluate``'s free ablation, its repetition penalty),
+per engine at batch 16. A count of 0 skips its part. ``chatuie-cat-cache``
 is chatuie's loop with ``transformers``' ``DynamicCache`` (one ``torch.cat`` per layer and step)
 instead of the in-place cache (:mod:`chatuie.decoding.kv_cache`): the loop as it was before that cache.
 
@@ -36,7 +38,7 @@ import torch
 
 from chatuie.data.prompts import SYSTEM_PROMPT, ie_user_prompt
 from chatuie.data.records import Record
-from chatuie.decoding import IERequest, constrained_generate
+from chatuie.decoding import IERequest, constrained_generate, free_generate
 from chatuie.io import read_jsonl
 from chatuie.models.modeling import load_saved, merge_lora
 from chatuie.models.precision import resolve_dtype
@@ -143,6 +145,36 @@ def _run_engine(model, tokenizer, jobs, engine: str, batch: int, max_new_tokens:
     }
 
 
+def run_free(model, tokenizer, jobs, engine: str, batch: int, max_new_tokens: int) -> dict[str, Any]:
+    answers, seconds = [], 0.0
+    with engine_named(engine) as name:
+        for prompts, _ in jobs:
+            start = time.perf_counter()
+            answers += free_generate(
+                model, tokenizer, prompts, max_new_tokens, batch, repetition_penalty=1.3, engine=name
+            )
+            seconds += time.perf_counter() - start
+    tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return {
+        "records": len(answers),
+        "seconds": round(seconds, 2),
+        "records_per_s": round(len(answers) / seconds, 3),
+        "answer_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 2),
+        "answers": answers,
+    }
+
+
+def identical_shares(row: dict[str, dict[str, Any]], key: str) -> None:
+    """Each run's share of ``key`` outputs equal to the first run's (the outputs dropped)."""
+    reference = next(iter(row.values()))[key]
+    for run in row.values():
+        same = sum(a == b for a, b in zip(run[key], reference, strict=True))
+        run["identical"] = f"{same}/{len(reference)}"
+    for run in row.values():
+        run.pop(key)
+
+
 def run_llama_cpp(gguf: Path, prompts: list[str], threads: int, max_new_tokens: int) -> dict[str, Any]:
     from llama_cpp import Llama
 
@@ -201,6 +233,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extract", type=int, default=48, help="Resume test texts for extract (0: skip)")
+    parser.add_argument("--free", type=int, default=0, help="records per dataset decoded free at batch 16")
     parser.add_argument("--engines", default="transformers,chatuie")
     parser.add_argument(
         "--extract-runs",
@@ -220,6 +253,8 @@ def main() -> None:
     engines = args.engines.split(",")
     results: dict[str, Any] = {"batch": {}}
     for batch, per_dataset in ((1, args.batch1_per_dataset), (16, args.per_dataset)):
+        if per_dataset == 0:
+            continue
         picked = sample(Path(args.records), per_dataset, args.seed)
         jobs = [prompts_for(tokenizer, picked[d]) for d in DATASETS]
         row: dict[str, Any] = {}
@@ -230,13 +265,21 @@ def main() -> None:
                 + ", ".join(f"{k} {v}" for k, v in row[engine].items() if k != "answers"),
                 flush=True,
             )
-        reference = row[engines[0]]["answers"]
-        for engine in engines:
-            same = sum(a == b for a, b in zip(row[engine]["answers"], reference, strict=True))
-            row[engine]["identical"] = f"{same}/{len(reference)}"
-        for engine in engines:
-            row[engine].pop("answers")
+        identical_shares(row, "answers")
         results["batch"][str(batch)] = row
+
+    if args.free:
+        picked = sample(Path(args.records), args.free, args.seed)
+        jobs = [prompts_for(tokenizer, picked[d]) for d in DATASETS]
+        results["free_batch16"] = {}
+        for engine in engines:
+            run = run_free(model, tokenizer, jobs, engine, 16, args.max_new_tokens)
+            results["free_batch16"][engine] = run
+            print(
+                f"free, batch 16, {engine}: "
+                + ", ".join(f"{k} {v}" for k, v in run.items() if k != "answers")
+            )
+        identical_shares(results["free_batch16"], "answers")
 
     use_llama = args.llama_cpp == "yes"
     if args.llama_cpp == "auto":
@@ -257,7 +300,7 @@ def main() -> None:
                 gguf, prompts, args.threads, args.max_new_tokens
             )
         print("llama.cpp plain, batch 1: " + json.dumps(results["llama_cpp_plain_batch1"]), flush=True)
-        for engine in engines:
+        for engine in engines if "1" in results["batch"] else []:
             ours = results["batch"]["1"][engine]["decode_tokens_per_s"]
             theirs = results["llama_cpp_plain_batch1"]["decode_tokens_per_s"]
             results["batch"]["1"][engine]["decode_vs_llama_cpp"] = round(ours / theirs, 3)

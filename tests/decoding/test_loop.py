@@ -14,10 +14,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TopKLogitsWarper, TopPLogitsWarper
 
 from chatuie.data.answers import ground
-from chatuie.decoding import constrained_generate, loop
+from chatuie.decoding import constrained_generate, free_generate, loop
 from chatuie.decoding.loop import PrefixCache, Sampler, shared_prefix_length, supports_allowed_head
 from chatuie.models.modeling import load_saved
-from tests.helpers.tiny_extractor import ie_jobs, tiny_model_dir
+from tests.helpers.tiny_extractor import ie_jobs, tiny_model_dir, with_random_head
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,37 @@ def test_engines_give_identical_greedy_answers(tiny, settings: dict) -> None:
     assert fast == reference
     for answer, request in zip(fast, requests, strict=True):
         ground(request.task, json.loads(answer), request.text, request.schema)  # valid and grounded
+
+
+@pytest.fixture(scope="module")
+def talkative(tiny):
+    """The tiny model with a random head (it continues each prompt its own way); its EOS is the
+    token the first prompt's greedy continuation reaches at step 8, where continuations part, so
+    rows end at different steps."""
+    model, tokenizer = tiny
+    model = with_random_head(model)
+    prompts, _ = ie_jobs(tokenizer)
+    first = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        start = model.generate(
+            **first, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    model.generation_config.eos_token_id = [int(start[0, -1])]
+    return model, tokenizer, prompts
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"batch_size": 1}, {"batch_size": 5, "repetition_penalty": 1.3}],
+    ids=["batch1", "penalty"],
+)
+def test_free_decoding_through_the_loop_gives_generates_answers(talkative, settings: dict) -> None:
+    model, tokenizer, prompts = talkative
+    reference = free_generate(model, tokenizer, prompts, 32, engine="transformers", **settings)
+    fast = free_generate(model, tokenizer, prompts, 32, engine="chatuie", **settings)
+    assert fast == reference
+    assert len(set(reference)) > 1  # real continuations, not one repeated token
+    assert len({len(tokenizer(answer)["input_ids"]) for answer in reference}) > 1  # EOS at different steps
 
 
 def test_the_shared_prefix_changes_no_answer(tiny, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,13 @@ Its answers are noise, but with the constraint always valid JSON of grounded spa
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from pathlib import Path
+from typing import Any
+
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
@@ -62,6 +66,18 @@ def tiny_model_dir(root: Path) -> Path:
             model.eval()
             _built["dir"] = save_model(model, tokenizer, root / "tiny-chatuie")
         return _built["dir"]
+
+
+def with_random_head(model: Any, seed: int = 0, scale: float = 0.5) -> Any:
+    """A copy of ``model`` with an untied random output head. The saved tiny model ties its head
+    to the embedding and so repeats the prompt's last token whatever it is asked; this one
+    continues each prompt with its own tokens, so a test can tell answers apart."""
+    model = copy.deepcopy(model)
+    head = model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(seed)
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator) * scale)
+    model.config.tie_word_embeddings = False
+    return model
 
 
 IE_SCHEMAS = {

@@ -53,6 +53,7 @@ from chatuie.decoding.generate import (
     IEConstraintProcessor,
     answer_penalty,
     constrained_generate,
+    free_generate,
 )
 from chatuie.decoding.grammar import IEGrammar, IERequest, clear_caches, complete_answer, ie_grammar
 from chatuie.decoding.spans import word_edges
@@ -68,6 +69,7 @@ __all__ = [
     "clear_caches",
     "complete_answer",
     "constrained_generate",
+    "free_generate",
     "ie_grammar",
     "token_table",
     "word_edges",

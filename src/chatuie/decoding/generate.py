@@ -477,12 +477,7 @@ def constrained_generate(
                     pad_id=pad_id,
                     sampler=Sampler(do_sample, temperature, top_k, top_p),
                     adjust=penalty[0].on_columns if penalty else None,
-                    prefix_length=prefix_cache.prefix_length(
-                        [
-                            ids[mask.bool()].tolist()
-                            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-                        ]
-                    ),
+                    prefix_length=_shared_prefix(prefix_cache, encoded),
                     prefix_cache=prefix_cache,
                 )
             else:
@@ -505,6 +500,84 @@ def constrained_generate(
         tokenizer.padding_side = saved_side
         if saved_pad is None:
             tokenizer.pad_token = None
+    return answers
+
+
+def _shared_prefix(prefix_cache: Any, encoded: Any) -> int:
+    """How many leading tokens the batch's (left-padded) prompts share, for the loop's prefix cache."""
+    return prefix_cache.prefix_length(
+        [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+        ]
+    )
+
+
+def free_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    *,
+    repetition_penalty: float = 1.0,
+    engine: str = "chatuie",
+    add_special_tokens: bool = False,
+) -> list[str]:
+    """Unconstrained greedy answers: the text each prompt is continued with (special tokens
+    dropped), in left-padded batches of ``batch_size``, stopping at the model's EOS.
+
+    ``engine="chatuie"`` runs the decoding loop (:func:`chatuie.decoding.loop.decode`) with the
+    whole head: the KV cache growing in place, finished rows leaving the batch, a shared prompt
+    beginning prefilled once; it gives ``generate``'s answers (greedy over the same scores), which
+    runs instead for models the loop does not support and with ``engine="transformers"``.
+    ``repetition_penalty`` is :class:`AnswerRepetitionPenalty`'s, as in the constrained mode.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from chatuie.decoding.loop import PrefixCache, Sampler, decode, supports_allowed_head
+
+    use_loop = engine == "chatuie" and supports_allowed_head(model)
+    table = token_table(tokenizer)
+    eos = _as_id_list(getattr(model.generation_config, "eos_token_id", None)) or list(table.eos_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    prefix_cache = PrefixCache()
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer(
+            list(prompts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=add_special_tokens,
+        ).to(device)
+        prompt_length = encoded["input_ids"].shape[1]
+        penalty = answer_penalty(repetition_penalty, table, prompt_length)
+        if use_loop:
+            sequences = decode(
+                model,
+                encoded["input_ids"],
+                encoded["attention_mask"],
+                None,
+                max_new_tokens=max_new_tokens,
+                eos_ids=eos,
+                pad_id=pad_id,
+                sampler=Sampler(),
+                adjust=penalty[0].on_columns if penalty else None,
+                prefix_length=_shared_prefix(prefix_cache, encoded),
+                prefix_cache=prefix_cache,
+            )
+        else:
+            with torch.no_grad():
+                sequences = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    logits_processor=LogitsProcessorList(penalty),
+                )
+        answers.extend(tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True))
     return answers
 
 

@@ -71,6 +71,26 @@ class _Head:
         return scores
 
 
+def _allowed_scores(
+    head: _Head, hidden: torch.Tensor, choices: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(scores, their columns' token ids or ``None`` for the whole vocabulary, the mask of each
+    row's allowed columns): the head over the union of the rows' allowed tokens, or over every
+    token where that union is too large for gathering its rows to pay."""
+    ids = torch.cat(choices).unique()  # sorted: ties go to the lower id, as in a full argmax
+    if len(ids) > head.full_above:
+        scores = head(hidden, None)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        for row, row_ids in enumerate(choices):
+            keep[row, row_ids] = True
+        return scores, None, keep
+    scores = head(hidden, ids)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for row, row_ids in enumerate(choices):
+        keep[row, torch.searchsorted(ids, row_ids)] = True
+    return scores, ids, keep
+
+
 def _select_top(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """``transformers``' top-k then top-p filters, on already temperature-scaled scores."""
     if 0 < top_k < scores.shape[-1]:
@@ -163,7 +183,7 @@ def decode(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    allowed: Callable[[torch.Tensor, Sequence[int]], list[torch.Tensor]],
+    allowed: Callable[[torch.Tensor, Sequence[int]], list[torch.Tensor]] | None,
     *,
     max_new_tokens: int,
     eos_ids: Sequence[int],
@@ -177,7 +197,8 @@ def decode(
     pad after EOS, as long as the longest answer).
 
     ``allowed(sequences, rows)`` gives, for each row index in ``rows``, the tensor of token ids
-    it may take next (``sequences``: every row, all columns so far). ``adjust(scores, ids,
+    it may take next (``sequences``: every row, all columns so far); ``None``: any token (free
+    decoding, the whole head at every step). ``adjust(scores, ids,
     sequences, rows)`` may change the allowed tokens' scores first (a repetition penalty).
     ``prefix_length``: how many leading tokens of every (left-padded) prompt are the same (see
     :func:`shared_prefix_length`); they are prefilled once, through ``prefix_cache`` if given.
@@ -222,22 +243,14 @@ def decode(
                 "the model kept no KV cache (gradient checkpointing in training mode drops it): "
                 "decode with the model in eval mode, or with gradient checkpointing off"
             )
-        choices = allowed(sequences, active)
-        ids = torch.cat(choices).unique()  # sorted: ties go to the lower id, as in a full argmax
-        if len(ids) > head.full_above:
-            scores = head(hidden, None)
-            keep = torch.zeros_like(scores, dtype=torch.bool)
-            for row, row_ids in enumerate(choices):
-                keep[row, row_ids] = True
-            ids = None
+        if allowed is None:
+            scores, ids, keep = head(hidden, None), None, None
         else:
-            scores = head(hidden, ids)
-            keep = torch.zeros_like(scores, dtype=torch.bool)
-            for row, row_ids in enumerate(choices):
-                keep[row, torch.searchsorted(ids, row_ids)] = True
+            scores, ids, keep = _allowed_scores(head, hidden, allowed(sequences, active))
         if adjust is not None:
             scores = adjust(scores, ids, sequences, active)
-        scores = scores.masked_fill(~keep, float("-inf"))
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
         picked = sampler(scores)
         tokens = picked if ids is None else ids[picked]
         column = torch.full((batch, 1), pad_id, dtype=sequences.dtype, device=device)

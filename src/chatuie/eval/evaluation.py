@@ -126,7 +126,6 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def generate_free(
     model,
     tokenizer,
@@ -136,27 +135,13 @@ def generate_free(
     repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Unconstrained greedy decoding, left-padded batches (the same repetition penalty as the
-    constrained mode: :class:`chatuie.decoding.AnswerRepetitionPenalty`)."""
-    from transformers import LogitsProcessorList
+    constrained mode: :class:`chatuie.decoding.AnswerRepetitionPenalty`), through the decoding loop
+    where the model allows it (:func:`chatuie.decoding.free_generate`)."""
+    from chatuie.decoding import free_generate
 
-    from chatuie.decoding import answer_penalty, token_table
-
-    tokenizer.padding_side = "left"
-    table = token_table(tokenizer)
-    outputs: list[str] = []
-    for batch in _batches(prompts, batch_size):
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-        penalty = answer_penalty(repetition_penalty, table, encoded["input_ids"].shape[1])
-        generated = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            logits_processor=LogitsProcessorList(penalty),
-        )
-        new = generated[:, encoded["input_ids"].shape[1] :]
-        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    return outputs
+    return free_generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size, repetition_penalty=repetition_penalty
+    )
 
 
 def _spans_in(answer: Any) -> Iterable[str]:
@@ -315,12 +300,17 @@ def evaluate_webqa(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(metrics, one row per question: its answer and scores, what paired comparisons resample)."""
     prompts = [_prompt(tokenizer, qa_user_prompt(r), chat) for r in records]
-    answers = []
+    order = _length_order(tokenizer, prompts)  # batches of about one length: little padding
+    prompts = [prompts[i] for i in order]
+    by_length = []
     for start in _starts(len(prompts), settings.batch_size, "webqa", unit="question"):
         batch = prompts[start : start + settings.batch_size]
-        answers.extend(
+        by_length.extend(
             generate_free(model, tokenizer, batch, settings.webqa_max_new_tokens, settings.batch_size)
         )
+    answers = [""] * len(records)
+    for position, answer in zip(order, by_length, strict=True):
+        answers[position] = answer
     rows = [
         {
             "id": r.id,
@@ -353,19 +343,23 @@ def evaluate_ceval(
     total: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     prompts = [_prompt(tokenizer, mcq_user_prompt(r), chat) for r in records]
+    order = _length_order(tokenizer, prompts)  # batches of about one length: little padding
+    choices: list[int] = [0] * len(records)
     for start in _starts(len(records), settings.batch_size, "ceval", unit="question"):
-        batch = prompts[start : start + settings.batch_size]
+        positions = order[start : start + settings.batch_size]
+        batch = [prompts[i] for i in positions]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
         # Only the last position's logits: the whole sequence's would be batch x length x vocab.
         logits = model(**encoded, logits_to_keep=1).logits[:, -1, :]
-        choice = logits[:, letter_ids].argmax(dim=-1).tolist()
-        for record, index in zip(records[start : start + settings.batch_size], choice, strict=True):
-            category = record.meta.get("category", "all")
-            hit = letters[index] == record.answer
-            rows.append({"id": record.id, "choice": letters[index], "correct": float(hit)})
-            for key in {category, "all"}:
-                total[key] += 1
-                correct[key] += hit
+        for position, index in zip(positions, logits[:, letter_ids].argmax(dim=-1).tolist(), strict=True):
+            choices[position] = index
+    for record, index in zip(records, choices, strict=True):
+        category = record.meta.get("category", "all")
+        hit = letters[index] == record.answer
+        rows.append({"id": record.id, "choice": letters[index], "correct": float(hit)})
+        for key in {category, "all"}:
+            total[key] += 1
+            correct[key] += hit
     metrics = {
         "accuracy": round(100 * correct["all"] / max(total["all"], 1), 2),
         "per_category": {k: round(100 * correct[k] / total[k], 2) for k in sorted(total) if k != "all"},
