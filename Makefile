@@ -14,10 +14,10 @@ profile:
 repro:
 	dvc repro
 
-# Two workers: much of the suite waits on servers and subprocesses. tests/conftest.py keeps each
-# module on one worker and orders the modules (no reordering by size: --no-loadscope-reorder).
+# Two workers: much of the suite waits on servers and subprocesses. A module's tests run on one
+# worker, in the order tests/conftest.py gives the modules (not reordered by size).
 test:
-	python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 lint:
 	ruff check .

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_name, str(threads_per_worker()))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) a module's tests stay on one
-    worker, so its module fixtures are built once. The one smoke pipeline run is built by the first
-    worker that needs it while the other gets on with modules that do not (one smoke module goes
-    first, the rest last); the other waits for it only if it gets there first."""
-    if not config.pluginmanager.hasplugin("xdist"):
+    """The order xdist hands out modules in (``make test``: ``--dist loadscope``, a module's tests
+    on one worker, so its module fixtures are built once, and ``--no-loadscope-reorder``): the one
+    smoke pipeline run is built by the first worker that needs it while the other gets on with
+    modules that do not, so one smoke module goes first and the rest last. (``--dist loadgroup``
+    would not do: its groups do not reach pytest 9's node ids.)"""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
-    uses_smoke = [module(i) for i in items if "smoke_run" in getattr(i, "fixturenames", ())]
-    rank = {name: 0 if k == 0 else 2 for k, name in enumerate(dict.fromkeys(uses_smoke))}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(module(item)))
+    sizes = Counter(module(i) for i in items)
+    smoke = {module(i) for i in items if "smoke_run" in getattr(i, "fixturenames", ())}
+    first = min(smoke, key=lambda name: (sizes[name], name), default=None)  # the build, then little else
+    rank = {name: 0 if name == first else 2 for name in smoke}
     items.sort(key=lambda item: rank.get(module(item), 1))
 
 

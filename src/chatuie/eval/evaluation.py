@@ -65,7 +65,9 @@ class EvalSettings:
 # 3: the repetition penalty counts only text tokens the answer wrote (AnswerRepetitionPenalty).
 # 4: a constrained relation list names each head/tail pair once.
 # 5: IE prompts are batched by length (other padding); F1 carries a bootstrap interval.
-PROTOCOL_VERSION = 5
+# 6: chat prompts are batched by length; free answers come from the decoding loop (in bfloat16
+# other padding and kernels can move a score's last bits; in float32 the answers are the same).
+PROTOCOL_VERSION = 6
 
 
 def protocol_digest(
