@@ -380,7 +380,21 @@ def load_model(config: ModelConfig, path_or_id: str | None = None, *, texts: Ite
         added = _ensure_chat_ready(model, tokenizer)
     if config.lora is not None:
         model = _wrap_lora(model, config.lora, added)
+    _contiguous_head_input(model)
     return model, tokenizer
+
+
+def _contiguous_head_input(model) -> None:
+    """Give the output head a contiguous input (once per head). A batch's last positions
+    (``logits_to_keep=1``, the prefill of ``generate``) are a strided slice; for a head that needs
+    no gradient (frozen under LoRA) torch's matmul cannot fold such a slice into one matrix product
+    and runs a batched product over the head weight expanded and copied per row instead: 16 x
+    262,144 x 640 for Gemma, ~5 GB and seconds a call (docs/experiments.md, "A frozen head")."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_chatuie_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else None)
+    head._chatuie_contiguous_input = True
 
 
 def packaged_dtype(name: str) -> str:
@@ -482,6 +496,7 @@ def load_saved(out_dir: str | Path, *, trainable: bool = False, dtype: str | Non
     else:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, trust_remote_code=trust)
     _ensure_chat_ready(model, tokenizer)
+    _contiguous_head_input(model)
     if not trainable:
         model.eval()
     return model, tokenizer
