@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -422,8 +422,7 @@ def constrained_generate(
     """
     if len(prompts) != len(requests):
         raise ValueError(f"{len(prompts)} prompts for {len(requests)} requests")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    _check_engine(engine)
     from chatuie.decoding.loop import (
         PrefixCache,
         Sampler,
@@ -446,15 +445,8 @@ def constrained_generate(
     prefix_cache = PrefixCache()
     answers: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch_prompts = list(prompts[start : start + batch_size])
+        for start, encoded in _encoded_batches(tokenizer, prompts, batch_size, add_special_tokens, device):
             batch_requests = list(requests[start : start + batch_size])
-            encoded = tokenizer(
-                batch_prompts,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=add_special_tokens,
-            ).to(device)
             prompt_length = encoded["input_ids"].shape[1]
             processor = IEConstraintProcessor(
                 tokenizer,
@@ -495,12 +487,32 @@ def constrained_generate(
                     sequences = model.generate(**encoded, **kwargs)
             answers.extend(processor.finalize(sequences))
             if progress is not None:
-                progress.update(len(batch_prompts))
+                progress.update(len(batch_requests))
     finally:
         tokenizer.padding_side = saved_side
         if saved_pad is None:
             tokenizer.pad_token = None
     return answers
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+def _encoded_batches(
+    tokenizer: Any, prompts: Sequence[str], batch_size: int, add_special_tokens: bool, device: Any
+) -> Iterator[tuple[int, Any]]:
+    """(start, the tokenized batch) for each batch of ``batch_size`` prompts, padded on the
+    tokenizer's side (the callers set left)."""
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        yield (
+            start,
+            tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
+                device
+            ),
+        )
 
 
 def _shared_prefix(prefix_cache: Any, encoded: Any) -> int:
@@ -523,6 +535,7 @@ def free_generate(
     repetition_penalty: float = 1.0,
     engine: str = "chatuie",
     add_special_tokens: bool = False,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Unconstrained greedy answers: the text each prompt is continued with (special tokens
     dropped), in left-padded batches of ``batch_size``, stopping at the model's EOS.
@@ -532,9 +545,9 @@ def free_generate(
     beginning prefilled once; it gives ``generate``'s answers (greedy over the same scores), which
     runs instead for models the loop does not support and with ``engine="transformers"``.
     ``repetition_penalty`` is :class:`AnswerRepetitionPenalty`'s, as in the constrained mode.
+    ``progress`` counts prompts as their batches finish.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    _check_engine(engine)
     from chatuie.decoding.loop import PrefixCache, Sampler, decode, supports_allowed_head
 
     use_loop = engine == "chatuie" and supports_allowed_head(model)
@@ -545,13 +558,7 @@ def free_generate(
     device = next(model.parameters()).device
     prefix_cache = PrefixCache()
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = tokenizer(
-            list(prompts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=add_special_tokens,
-        ).to(device)
+    for _, encoded in _encoded_batches(tokenizer, prompts, batch_size, add_special_tokens, device):
         prompt_length = encoded["input_ids"].shape[1]
         penalty = answer_penalty(repetition_penalty, table, prompt_length)
         if use_loop:
@@ -578,6 +585,8 @@ def free_generate(
                     logits_processor=LogitsProcessorList(penalty),
                 )
         answers.extend(tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True))
+        if progress is not None:
+            progress.update(len(encoded["input_ids"]))
     return answers
 
 

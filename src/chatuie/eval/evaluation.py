@@ -123,29 +123,6 @@ def _starts(count: int, size: int, desc: str, unit: str = "record") -> Iterator[
     return track(range(0, count, size), f"evaluate {desc}", total=count, unit=unit, weight=weight)
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def generate_free(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    repetition_penalty: float = 1.0,
-) -> list[str]:
-    """Unconstrained greedy decoding, left-padded batches (the same repetition penalty as the
-    constrained mode: :class:`chatuie.decoding.AnswerRepetitionPenalty`), through the decoding loop
-    where the model allows it (:func:`chatuie.decoding.free_generate`)."""
-    from chatuie.decoding import free_generate
-
-    return free_generate(
-        model, tokenizer, prompts, max_new_tokens, batch_size, repetition_penalty=repetition_penalty
-    )
-
-
 def _spans_in(answer: Any) -> Iterable[str]:
     """Every span string of a parsed answer, whatever its shape (for the invented-span rate)."""
     if isinstance(answer, str):
@@ -209,17 +186,17 @@ def evaluate_ie(
                 progress=shown,
             )
     else:
-        answers = []
-        for start in _starts(len(prompts), settings.batch_size, f"{records[0].dataset} free"):
-            answers.extend(
-                generate_free(
-                    model,
-                    tokenizer,
-                    prompts[start : start + settings.batch_size],
-                    settings.max_new_tokens,
-                    settings.batch_size,
-                    settings.repetition_penalty,
-                )
+        from chatuie.decoding import free_generate
+
+        with Progress(f"evaluate {records[0].dataset} free", len(prompts), unit="record") as shown:
+            answers = free_generate(
+                model,
+                tokenizer,
+                prompts,
+                settings.max_new_tokens,
+                settings.batch_size,
+                repetition_penalty=settings.repetition_penalty,
+                progress=shown,
             )
 
     in_job_order: list[str] = [""] * len(jobs)
@@ -304,11 +281,11 @@ def evaluate_webqa(
     prompts = [_prompt(tokenizer, qa_user_prompt(r), chat) for r in records]
     order = _length_order(tokenizer, prompts)  # batches of about one length: little padding
     prompts = [prompts[i] for i in order]
-    by_length = []
-    for start in _starts(len(prompts), settings.batch_size, "webqa", unit="question"):
-        batch = prompts[start : start + settings.batch_size]
-        by_length.extend(
-            generate_free(model, tokenizer, batch, settings.webqa_max_new_tokens, settings.batch_size)
+    from chatuie.decoding import free_generate
+
+    with Progress("evaluate webqa", len(prompts), unit="question") as shown:
+        by_length = free_generate(
+            model, tokenizer, prompts, settings.webqa_max_new_tokens, settings.batch_size, progress=shown
         )
     answers = [""] * len(records)
     for position, answer in zip(order, by_length, strict=True):
