@@ -13,6 +13,9 @@ dataset decoded without the constraint (``evaluate``'s free ablation, its repeti
 per engine at batch 16. A count of 0 skips its part. ``chatuie-cat-cache``
 is chatuie's loop with ``transformers``' ``DynamicCache`` (one ``torch.cat`` per layer and step)
 instead of the in-place cache (:mod:`chatuie.decoding.kv_cache`): the loop as it was before that cache.
+``chatuie-batchwise`` is the loop without continuous batching (:mod:`chatuie.decoding.continuous`):
+a batch is decoded until its last row ends before the next prompts start. Continuous batching only
+shows where a dataset has more records than a batch holds (``--per-dataset`` above 16).
 
     python -m bench.engines --model models/sft --out bench/results/engines_avx2.json
 
@@ -87,12 +90,28 @@ def prompts_for(tokenizer: Any, records: list[Record]) -> tuple[list[str], list[
 
 
 CAT_CACHE = "chatuie-cat-cache"
+BATCHWISE = "chatuie-batchwise"
 
 
 @contextlib.contextmanager
 def engine_named(engine: str) -> Iterator[str]:
     """The ``engine=`` argument for a bench engine name (``chatuie-cat-cache``: the loop with
-    ``DynamicCache`` while inside)."""
+    ``DynamicCache`` while inside; ``chatuie-batchwise``: the loop with new prompts joining only
+    an empty batch)."""
+    if engine == BATCHWISE:
+        from chatuie.decoding import continuous
+
+        joining_any = continuous.decode_continuous
+
+        def batchwise(*args: Any, **kwargs: Any) -> Any:
+            return joining_any(*args, **{**kwargs, "refill": kwargs["batch_size"]})
+
+        continuous.decode_continuous = batchwise
+        try:
+            yield "chatuie"
+        finally:
+            continuous.decode_continuous = joining_any
+        return
     if engine != CAT_CACHE:
         yield engine
         return
@@ -228,7 +247,8 @@ def main() -> None:
     )
     parser.add_argument("--model", default="models/sft")
     parser.add_argument("--records", default="data/records")
-    parser.add_argument("--per-dataset", type=int, default=16, help="records per dataset at batch 16")
+    parser.add_argument("--per-dataset", type=int, default=16, help="records per dataset at --batch")
+    parser.add_argument("--batch", type=int, default=16, help="the batch size of the larger runs")
     parser.add_argument("--batch1-per-dataset", type=int, default=4, help="records per dataset at batch 1")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -252,7 +272,7 @@ def main() -> None:
     model = merge_lora(model).eval()
     engines = args.engines.split(",")
     results: dict[str, Any] = {"batch": {}}
-    for batch, per_dataset in ((1, args.batch1_per_dataset), (16, args.per_dataset)):
+    for batch, per_dataset in ((1, args.batch1_per_dataset), (args.batch, args.per_dataset)):
         if per_dataset == 0:
             continue
         picked = sample(Path(args.records), per_dataset, args.seed)

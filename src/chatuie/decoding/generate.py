@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -286,6 +285,21 @@ class IEConstraintProcessor(LogitsProcessor):
         out[rows, cols] = scores[rows, cols]
         return out
 
+    # -- per-row use (the continuous loop: rows join and leave at their own steps) ------------
+
+    def start_rows(self) -> None:
+        """One row per request, fed token by token through :meth:`advance_row`."""
+        self._start(len(self.grammars))
+
+    def advance_row(self, index: int, token: int) -> None:
+        assert self._rows is not None, "start_rows() first"
+        self._advance(self._rows[index], token)
+
+    def row_allowed(self, index: int, generated: int, device: torch.device, vocab: int) -> torch.Tensor:
+        """The token ids request ``index`` may take next, having written ``generated`` tokens."""
+        assert self._rows is not None, "start_rows() first"
+        return self._row_ids(self._rows[index], generated, device, vocab)
+
     # -- results ------------------------------------------------------------------------------
 
     def row_complete(self) -> list[bool]:
@@ -351,28 +365,31 @@ class AnswerRepetitionPenalty(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
-        answer = input_ids[:, self.prompt_length :]
-        if self.penalty == 1.0 or answer.shape[1] == 0:
-            return scores
-        vocab = scores.shape[-1]
-        seen = torch.zeros_like(scores, dtype=torch.bool)
-        seen.scatter_(1, answer.clamp(0, vocab - 1), True)
-        seen &= self._text_mask(scores.device, vocab)
-        return self._penalise(scores, seen)
+        return self.on_answers(scores, None, input_ids[:, self.prompt_length :])
 
     def on_columns(
         self, scores: torch.Tensor, ids: torch.Tensor | None, sequences: torch.Tensor, rows: Sequence[int]
     ) -> torch.Tensor:
         """The same penalty where ``scores``' columns are the token ids ``ids`` (``None``: the
         whole vocabulary) and its rows are ``sequences[rows]`` (the decoding loop's view)."""
-        if ids is None:
-            return self(sequences[list(rows)], scores)
         if self.prompt_length is None:
             self.prompt_length = sequences.shape[1]
-        answer = sequences[list(rows), self.prompt_length :]
-        if self.penalty == 1.0 or answer.shape[1] == 0:
+        return self.on_answers(scores, ids, sequences[list(rows), self.prompt_length :])
+
+    def on_answers(
+        self, scores: torch.Tensor, ids: torch.Tensor | None, answers: torch.Tensor
+    ) -> torch.Tensor:
+        """The penalty given each row's answer so far (token ids; -1 pads: nothing), where
+        ``scores``' columns are the token ids ``ids`` (``None``: the whole vocabulary)."""
+        if self.penalty == 1.0 or answers.shape[1] == 0:
             return scores
-        seen = (answer[:, :, None] == ids[None, None, :]).any(dim=1)
+        written = answers >= 0
+        if ids is None:
+            vocab = scores.shape[-1]
+            counts = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+            counts.scatter_add_(1, answers.clamp(0, vocab - 1), written.to(torch.int32))
+            return self._penalise(scores, (counts > 0) & self._text_mask(scores.device, vocab))
+        seen = ((answers[:, :, None] == ids[None, None, :]) & written[:, :, None]).any(dim=1)
         text = self._text_mask(scores.device, len(self._text))
         seen &= (ids < len(text)) & text[ids.clamp(max=len(text) - 1)]
         return self._penalise(scores, seen)
@@ -423,12 +440,8 @@ def constrained_generate(
     if len(prompts) != len(requests):
         raise ValueError(f"{len(prompts)} prompts for {len(requests)} requests")
     _check_engine(engine)
-    from chatuie.decoding.loop import (
-        PrefixCache,
-        Sampler,
-        decode,
-        supports_allowed_head,
-    )
+    from chatuie.decoding.continuous import decode_continuous
+    from chatuie.decoding.loop import Sampler, supports_allowed_head
 
     use_loop = engine == "chatuie" and not generate_kwargs and supports_allowed_head(model)
     table = token_table(tokenizer)
@@ -441,10 +454,32 @@ def constrained_generate(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     device = next(model.parameters()).device
-    head_vocab = model.get_output_embeddings().weight.shape[0] if use_loop else 0
-    prefix_cache = PrefixCache()
     answers: list[str] = []
     try:
+        if use_loop and prompts:  # one continuous job: rows join as others finish
+            processor = IEConstraintProcessor(
+                tokenizer,
+                requests,
+                max_new_tokens=max_new_tokens if budget_aware else None,
+                eos_token_ids=eos,
+                table=table,
+                allow_leading_space=allow_leading_space,
+            )
+            processor.start_rows()
+            penalty = answer_penalty(repetition_penalty, table, 0)
+            decode_continuous(
+                model,
+                _token_ids(tokenizer, prompts, add_special_tokens),
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                eos_ids=sorted(eos),
+                pad_id=pad_id,
+                sampler=Sampler(do_sample, temperature, top_k, top_p),
+                rules=processor,
+                adjust=penalty[0].on_answers if penalty else None,
+                on_finished=progress.update if progress is not None else None,
+            )
+            return processor.completed_texts()
         for start, encoded in _encoded_batches(tokenizer, prompts, batch_size, add_special_tokens, device):
             batch_requests = list(requests[start : start + batch_size])
             prompt_length = encoded["input_ids"].shape[1]
@@ -458,33 +493,18 @@ def constrained_generate(
                 allow_leading_space=allow_leading_space,
             )
             penalty = answer_penalty(repetition_penalty, table, prompt_length)
-            if use_loop:
-                sequences = decode(
-                    model,
-                    encoded["input_ids"],
-                    encoded["attention_mask"],
-                    functools.partial(processor.allowed_ids, vocab=head_vocab),
-                    max_new_tokens=max_new_tokens,
-                    eos_ids=sorted(eos),
-                    pad_id=pad_id,
-                    sampler=Sampler(do_sample, temperature, top_k, top_p),
-                    adjust=penalty[0].on_columns if penalty else None,
-                    prefix_length=_shared_prefix(prefix_cache, encoded),
-                    prefix_cache=prefix_cache,
-                )
-            else:
-                kwargs: dict[str, Any] = {
-                    "max_new_tokens": max_new_tokens,
-                    "do_sample": do_sample,
-                    "pad_token_id": pad_id,
-                    "eos_token_id": sorted(eos),
-                    "logits_processor": LogitsProcessorList([*penalty, processor]),
-                }
-                if do_sample:
-                    kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
-                kwargs.update(generate_kwargs)
-                with torch.no_grad():
-                    sequences = model.generate(**encoded, **kwargs)
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": do_sample,
+                "pad_token_id": pad_id,
+                "eos_token_id": sorted(eos),
+                "logits_processor": LogitsProcessorList([*penalty, processor]),
+            }
+            if do_sample:
+                kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+            kwargs.update(generate_kwargs)
+            with torch.no_grad():
+                sequences = model.generate(**encoded, **kwargs)
             answers.extend(processor.finalize(sequences))
             if progress is not None:
                 progress.update(len(batch_requests))
@@ -515,14 +535,9 @@ def _encoded_batches(
         )
 
 
-def _shared_prefix(prefix_cache: Any, encoded: Any) -> int:
-    """How many leading tokens the batch's (left-padded) prompts share, for the loop's prefix cache."""
-    return prefix_cache.prefix_length(
-        [
-            ids[mask.bool()].tolist()
-            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-        ]
-    )
+def _token_ids(tokenizer: Any, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    """Each prompt's token ids, unpadded (the continuous loop pads the rows it stacks)."""
+    return tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def free_generate(
@@ -548,42 +563,41 @@ def free_generate(
     ``progress`` counts prompts as their batches finish.
     """
     _check_engine(engine)
-    from chatuie.decoding.loop import PrefixCache, Sampler, decode, supports_allowed_head
+    from chatuie.decoding.continuous import decode_continuous
+    from chatuie.decoding.loop import Sampler, supports_allowed_head
 
     use_loop = engine == "chatuie" and supports_allowed_head(model)
     table = token_table(tokenizer)
     eos = _as_id_list(getattr(model.generation_config, "eos_token_id", None)) or list(table.eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     tokenizer.padding_side = "left"
+    if use_loop:  # one continuous job: rows join as others finish
+        penalty = answer_penalty(repetition_penalty, table, 0)
+        answer_ids = decode_continuous(
+            model,
+            _token_ids(tokenizer, prompts, add_special_tokens),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos,
+            pad_id=pad_id,
+            sampler=Sampler(),
+            adjust=penalty[0].on_answers if penalty else None,
+            on_finished=progress.update if progress is not None else None,
+        )
+        return tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
     device = next(model.parameters()).device
-    prefix_cache = PrefixCache()
     answers: list[str] = []
     for _, encoded in _encoded_batches(tokenizer, prompts, batch_size, add_special_tokens, device):
         prompt_length = encoded["input_ids"].shape[1]
         penalty = answer_penalty(repetition_penalty, table, prompt_length)
-        if use_loop:
-            sequences = decode(
-                model,
-                encoded["input_ids"],
-                encoded["attention_mask"],
-                None,
+        with torch.no_grad():
+            sequences = model.generate(
+                **encoded,
                 max_new_tokens=max_new_tokens,
-                eos_ids=eos,
-                pad_id=pad_id,
-                sampler=Sampler(),
-                adjust=penalty[0].on_columns if penalty else None,
-                prefix_length=_shared_prefix(prefix_cache, encoded),
-                prefix_cache=prefix_cache,
+                do_sample=False,
+                pad_token_id=pad_id,
+                logits_processor=LogitsProcessorList(penalty),
             )
-        else:
-            with torch.no_grad():
-                sequences = model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                    logits_processor=LogitsProcessorList(penalty),
-                )
         answers.extend(tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True))
         if progress is not None:
             progress.update(len(encoded["input_ids"]))

@@ -142,3 +142,48 @@ def in_place_cache(config: Any) -> DynamicCache:
             layers.append(layer)
     cache.layers = layers
     return cache
+
+
+def stack_rows(
+    running: DynamicCache, running_mask: torch.Tensor, joining: DynamicCache, joining_mask: torch.Tensor
+) -> torch.Tensor:
+    """Put ``joining``'s rows under ``running``'s, in ``running`` (changed in place); returns the
+    attention mask of the stacked rows.
+
+    Both caches hold left-padded rows (``*_mask``: 1 on a row's tokens, which end at the last
+    slot). The stacked cache is what one left-padded batch of all the rows would hold: every
+    row's tokens right-aligned in as many slots as the longest row has tokens (slots that are
+    padding in every row are dropped), a sliding-window layer keeping its last ``window - 1``.
+    Only the in-place layers of :func:`in_place_cache` can be stacked.
+    """
+    width = int(max(running_mask.sum(dim=1).max(), joining_mask.sum(dim=1).max()))
+    for layer, other in zip(running.layers, joining.layers, strict=True):
+        if not isinstance(layer, _InPlace) or not isinstance(other, _InPlace):
+            raise TypeError(f"cannot stack rows of a {type(layer).__name__} cache layer")
+        slots = width if layer.window is None else min(width, layer.window - 1)
+        capacity = slots + MIN_HEADROOM
+        rows = layer.keys.shape[0] + other.keys.shape[0]
+        key_buffer = layer.keys.new_zeros((rows, layer.keys.shape[1], capacity, layer.keys.shape[-1]))
+        value_buffer = layer.values.new_zeros((rows, layer.values.shape[1], capacity, layer.values.shape[-1]))
+        first = 0
+        for source in (layer, other):
+            keys, values = source.keys, source.values
+            count, kept = keys.shape[0], min(slots, keys.shape[-2])
+            key_buffer[first : first + count, :, slots - kept : slots] = keys[:, :, keys.shape[-2] - kept :]
+            value_buffer[first : first + count, :, slots - kept : slots] = values[
+                :, :, values.shape[-2] - kept :
+            ]
+            first += count
+        layer._key_buffer, layer._value_buffer = key_buffer, value_buffer
+        layer._start, layer._end = 0, slots
+        layer.keys, layer.values = key_buffer[:, :, :slots], value_buffer[:, :, :slots]
+        layer._view = layer.keys
+        if layer.window is not None:
+            layer.cumulative_length = width  # type: ignore[attr-defined]
+    mask = running_mask.new_zeros((running_mask.shape[0] + joining_mask.shape[0], width))
+    first = 0
+    for source in (running_mask, joining_mask):
+        kept = min(width, source.shape[1])
+        mask[first : first + source.shape[0], width - kept :] = source[:, source.shape[1] - kept :]
+        first += source.shape[0]
+    return mask

@@ -178,6 +178,48 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
+def prefill(
+    decoder: Any,
+    config: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    prefix_length: int = 0,
+    prefix_cache: PrefixCache | None = None,
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Run left-padded prompts through the decoder: (their KV cache, the last position's hidden
+    states, the position of each row's next token). The first ``prefix_length`` tokens every row
+    shares come from ``prefix_cache`` (computed there once)."""
+    from chatuie.decoding.kv_cache import in_place_cache
+
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    window = getattr(config, "sliding_window", None)
+    if window:  # a sliding layer's cache keeps ``window - 1`` slots: the prefix must fit there
+        prefix_length = min(prefix_length, window - 1)
+    if prefix_length > 0:
+        store = prefix_cache if prefix_cache is not None else PrefixCache()
+        pads = (mask == 0).sum(dim=1).tolist()
+        longest = pads.index(min(pads))  # a row whose first tokens are the prefix itself
+        prefix = input_ids[longest, pads[longest] : pads[longest] + prefix_length]
+        cache = store.for_rows(decoder, config, prefix, pads)
+        step_input, position = input_ids[:, prefix_length:], positions[:, prefix_length:]
+    else:
+        cache = in_place_cache(config)
+        step_input, position = input_ids, positions
+    hidden = decoder(
+        input_ids=step_input,
+        attention_mask=mask,
+        position_ids=position,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]
+    if cache.get_seq_length() == 0:
+        raise RuntimeError(
+            "the model kept no KV cache (gradient checkpointing in training mode drops it): "
+            "decode with the model in eval mode, or with gradient checkpointing off"
+        )
+    return cache, hidden, position[:, -1:] + 1
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: a decode step is a few hundred small ops
 def decode(
     model: Any,
@@ -209,40 +251,21 @@ def decode(
     device = input_ids.device
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     batch = input_ids.shape[0]
-
-    from chatuie.decoding.kv_cache import in_place_cache
-
     mask = attention_mask.long()
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    window = getattr(base.config, "sliding_window", None)
-    if window:  # a sliding layer's cache keeps ``window - 1`` slots: the prefix must fit there
-        prefix_length = min(prefix_length, window - 1)
-    if prefix_length > 0:
-        store = prefix_cache if prefix_cache is not None else PrefixCache()
-        pads = (mask == 0).sum(dim=1).tolist()
-        longest = pads.index(min(pads))  # a row whose first tokens are the prefix itself
-        prefix = input_ids[longest, pads[longest] : pads[longest] + prefix_length]
-        cache = store.for_rows(decoder, base.config, prefix, pads)
-        step_input, position = input_ids[:, prefix_length:], positions[:, prefix_length:]
-    else:
-        cache = in_place_cache(base.config)
-        step_input, position = input_ids, positions
+    cache, hidden, position = prefill(decoder, base.config, input_ids, mask, prefix_length, prefix_cache)
     sequences = input_ids
     active = list(range(batch))  # batch rows still writing, in cache order
-    for _ in range(max_new_tokens):
-        hidden = decoder(
-            input_ids=step_input,
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
-        position = position[:, -1:]
-        if cache.get_seq_length() == 0:
-            raise RuntimeError(
-                "the model kept no KV cache (gradient checkpointing in training mode drops it): "
-                "decode with the model in eval mode, or with gradient checkpointing off"
-            )
+    tokens = input_ids[:, :0]  # each step's chosen tokens, fed at the next
+    for step in range(max_new_tokens):
+        if step:
+            hidden = decoder(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            position = position + 1
         if allowed is None:
             scores, ids, keep = head(hidden, None), None, None
         else:
@@ -265,5 +288,4 @@ def decode(
             active = [active[i] for i in kept.tolist()]
             tokens, mask, position = tokens[kept], mask[kept], position[kept]
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        step_input, position = tokens[:, None], position + 1
     return sequences

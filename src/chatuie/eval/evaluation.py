@@ -67,7 +67,8 @@ class EvalSettings:
 # 5: IE prompts are batched by length (other padding); F1 carries a bootstrap interval.
 # 6: chat prompts are batched by length; free answers come from the decoding loop (in bfloat16
 # other padding and kernels can move a score's last bits; in float32 the answers are the same).
-PROTOCOL_VERSION = 6
+# 7: continuous batching (rows join as others finish): other batch company, the same in float32.
+PROTOCOL_VERSION = 7
 
 
 def protocol_digest(
