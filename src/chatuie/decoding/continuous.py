@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from chatuie.decoding.loop import PrefixCache, Sampler, _allowed_scores, _base_model, _Head, prefill
+from chatuie.decoding.loop import PrefixCache, Sampler, _base_model, _Head, pick, prefill, step
 
 
 class RowRules(Protocol):
@@ -106,13 +106,7 @@ def decode_continuous(
         hidden = None
         if rows:  # the running rows take their step
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            hidden = decoder(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+            hidden = step(decoder, tokens, mask, position, cache)
             position = position + 1
         if waiting and batch_size - len(rows) >= min(refill, len(waiting)):
             group = [waiting.popleft() for _ in range(min(batch_size - len(rows), len(waiting)))]
@@ -132,17 +126,11 @@ def decode_continuous(
                 cache, mask, hidden, position = group_cache, group_mask, group_hidden, group_position
             rows = rows + group
         assert hidden is not None
-        if rules is None:
-            scores, ids_, keep = head(hidden, None), None, None
-        else:
+        choices = None
+        if rules is not None:
             choices = [rules.row_allowed(i, len(answers[i]), device, head.vocab) for i in rows]
-            scores, ids_, keep = _allowed_scores(head, hidden, choices)
-        if adjust is not None:
-            scores = adjust(scores, ids_, _answer_matrix(answers, rows, device))
-        if keep is not None:
-            scores = scores.masked_fill(~keep, float("-inf"))
-        picked = sampler(scores)
-        tokens = picked if ids_ is None else ids_[picked]
+        answers_so_far = () if adjust is None else (_answer_matrix(answers, rows, device),)
+        tokens = pick(head, hidden, choices, sampler, adjust, answers_so_far)
         going = []
         for r, (index, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             answers[index].append(token)

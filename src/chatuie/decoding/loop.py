@@ -220,6 +220,43 @@ def prefill(
     return cache, hidden, position[:, -1:] + 1
 
 
+def step(
+    decoder: Any, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
+) -> torch.Tensor:
+    """Feed each row its last chosen token (``mask`` already covers it); the hidden states that
+    score the next one."""
+    return decoder(
+        input_ids=tokens[:, None],
+        attention_mask=mask,
+        position_ids=position,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]
+
+
+def pick(
+    head: _Head,
+    hidden: torch.Tensor,
+    choices: list[torch.Tensor] | None,
+    sampler: Sampler,
+    adjust: Callable[..., torch.Tensor] | None = None,
+    adjust_args: tuple = (),
+) -> torch.Tensor:
+    """Each row's next token: the head over the rows' allowed tokens (``choices``; ``None``: the
+    whole vocabulary), ``adjust(scores, ids, *adjust_args)`` (a penalty), the other tokens
+    masked, sampled."""
+    if choices is None:
+        scores, ids, keep = head(hidden, None), None, None
+    else:
+        scores, ids, keep = _allowed_scores(head, hidden, choices)
+    if adjust is not None:
+        scores = adjust(scores, ids, *adjust_args)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    picked = sampler(scores)
+    return picked if ids is None else ids[picked]
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: a decode step is a few hundred small ops
 def decode(
     model: Any,
@@ -256,26 +293,12 @@ def decode(
     sequences = input_ids
     active = list(range(batch))  # batch rows still writing, in cache order
     tokens = input_ids[:, :0]  # each step's chosen tokens, fed at the next
-    for step in range(max_new_tokens):
-        if step:
-            hidden = decoder(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+    for index in range(max_new_tokens):
+        if index:
+            hidden = step(decoder, tokens, mask, position, cache)
             position = position + 1
-        if allowed is None:
-            scores, ids, keep = head(hidden, None), None, None
-        else:
-            scores, ids, keep = _allowed_scores(head, hidden, allowed(sequences, active))
-        if adjust is not None:
-            scores = adjust(scores, ids, sequences, active)
-        if keep is not None:
-            scores = scores.masked_fill(~keep, float("-inf"))
-        picked = sampler(scores)
-        tokens = picked if ids is None else ids[picked]
+        choices = None if allowed is None else allowed(sequences, active)
+        tokens = pick(head, hidden, choices, sampler, adjust, (sequences, active))
         column = torch.full((batch, 1), pad_id, dtype=sequences.dtype, device=device)
         column[active, 0] = tokens
         sequences = torch.cat([sequences, column], dim=1)
